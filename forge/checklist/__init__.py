@@ -1,0 +1,1 @@
+"""Executable checklists: TOML items (checklists/) that call registered checks (checks/)."""

@@ -1,0 +1,99 @@
+"""Checklists are data: TOML files in checklists/, each a list of items that call registered checks.
+
+A checklist may `extends = "other.toml"`: items with the same id override the base item field by
+field (params merge key by key), new ids are appended, and `drop = [ids]` removes base items.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from forge.errors import Problem, SpecError
+from forge.spec.load import Origin, key_lines
+
+Severity = Literal["critical", "monitor"]
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: str = Field(pattern=r"^([A-G][1-3]|CFG|OBS)-[a-z0-9-]+$",
+                    description="Stable id; starts with the premortem failure mode it guards (A1..G2).")
+    title: str = Field(min_length=1)
+    severity: Severity
+    check: str = Field(min_length=1, description="Name of a registered check (forge/checklist/checks).")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Checklist(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str
+    description: str = ""
+    items: list[Item]
+    source: str = ""  # the file (and chain) it was read from
+
+
+def checklist_dir() -> Path:
+    """$FORGE_CHECKLIST_DIR, else the checklists/ folder of the forge project."""
+    return Path(os.environ.get("FORGE_CHECKLIST_DIR", Path(__file__).resolve().parents[2] / "checklists"))
+
+
+def load_checklist(name: str) -> Checklist:
+    path = checklist_dir() / f"{name}.toml"
+    if not path.is_file():
+        available = sorted(p.stem for p in checklist_dir().glob("*.toml"))
+        raise SpecError([Problem("run.checklist", "run.checklist",
+                                 f"no checklist {name!r} in {checklist_dir()} (available: {', '.join(available)})",
+                                 name)])
+    return _load(path, ())
+
+
+def _load(path: Path, seen: tuple[Path, ...]) -> Checklist:
+    from forge.checklist.registry import known_checks
+
+    shown = str(path)
+    if path.resolve() in seen:
+        raise SpecError([Problem(shown, "extends", "cyclic checklist extends")], header="invalid checklist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError([Problem(shown, "", f"malformed TOML: {err}")], header="invalid checklist") from None
+    lines = key_lines(text)
+
+    def where(*key) -> str:
+        return str(Origin(shown, lines.get(tuple(key))))
+
+    base_items: dict[str, dict] = {}
+    if "extends" in raw:
+        base = _load(path.parent / raw.pop("extends"), (*seen, path.resolve()))
+        base_items = {i.id: i.model_dump() for i in base.items}
+    for dropped in raw.pop("drop", []):
+        if base_items.pop(dropped, None) is None:
+            raise SpecError([Problem(where("drop"), "drop", "no such item in the base checklist", dropped)],
+                            header="invalid checklist")
+    for n, item in enumerate(raw.pop("item", [])):
+        merged = dict(base_items.get(item.get("id"), {}))
+        params = {**merged.get("params", {}), **item.get("params", {})}
+        merged.update(item)
+        merged["params"] = params
+        try:
+            checked = Item.model_validate(merged)
+        except ValidationError as err:
+            e = err.errors()[0]
+            key = ".".join(map(str, e["loc"]))
+            raise SpecError([Problem(where("item", n, *e["loc"][:1]), f"item.{n}.{key}", e["msg"])], header="invalid checklist") from None
+        if checked.check not in known_checks():
+            raise SpecError([Problem(where("item", n, "check"), f"item.{n}.check",
+                                     f"unknown check; known: {', '.join(sorted(known_checks()))}", checked.check)])
+        base_items[checked.id] = checked.model_dump()
+    try:
+        return Checklist.model_validate({**raw, "items": list(base_items.values()), "source": shown})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise SpecError([Problem(shown, ".".join(map(str, e["loc"])), e["msg"])], header="invalid checklist") from None

@@ -1,0 +1,76 @@
+"""Execute a checklist against a resolved spec."""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from forge.checklist.context import CheckContext
+from forge.checklist.items import Checklist, Item, load_checklist
+from forge.checklist.registry import Outcome, lookup, skipped
+from forge.spec.load import ResolvedSpec
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    id: str
+    title: str
+    severity: str
+    status: str          # pass | warn | fail | skip
+    measured: str
+    expected: str
+    detail: str
+    seconds: float
+    data: object = None
+
+
+@dataclass(frozen=True)
+class ChecklistResult:
+    checklist: str
+    source: str
+    items: list[ItemResult]
+
+    @property
+    def critical_failures(self) -> list[ItemResult]:
+        return [r for r in self.items if r.status == "fail"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.critical_failures
+
+    def counts(self) -> dict[str, int]:
+        out = {"pass": 0, "warn": 0, "fail": 0, "skip": 0}
+        for r in self.items:
+            out[r.status] += 1
+        return out
+
+    def to_json(self) -> dict:
+        return {"checklist": self.checklist, "source": self.source, "ok": self.ok, "counts": self.counts(),
+                "items": [asdict(r) for r in self.items]}
+
+
+def run_checklist(resolved: ResolvedSpec, data_dir: Path | None = None,
+                  checklist: Checklist | None = None) -> ChecklistResult:
+    checklist = checklist or load_checklist(resolved.spec.run.checklist)
+    ctx = CheckContext(resolved) if data_dir is None else CheckContext(resolved, data_dir=data_dir)
+    return ChecklistResult(checklist.name, checklist.source, [_run_item(item, ctx) for item in checklist.items])
+
+
+def _run_item(item: Item, ctx: CheckContext) -> ItemResult:
+    start = time.perf_counter()
+    check = lookup(item.check)
+    if isinstance(check, str):
+        outcome = skipped(check)
+    else:
+        try:
+            outcome = check(ctx, **item.params)
+        except Exception as err:  # a crashing check is a failed check, reported, never a crashed CLI
+            last = traceback.extract_tb(err.__traceback__)[-1]
+            outcome = Outcome("fail", detail=f"check raised {type(err).__name__}: {err} "
+                                             f"({Path(last.filename).name}:{last.lineno})")
+    status = outcome.status
+    if status == "fail" and item.severity == "monitor":
+        status = "warn"
+    return ItemResult(item.id, item.title, item.severity, status, outcome.measured, outcome.expected,
+                      outcome.detail, round(time.perf_counter() - start, 3), outcome.data)

@@ -1,0 +1,1 @@
+"""The experiment spec: schema (pydantic), loading (extends, --set), hashing and diffs."""

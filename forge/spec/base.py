@@ -1,0 +1,13 @@
+"""The base every spec section derives from: strict, closed, immutable.
+
+strict: TOML is typed, so "512" never silently becomes 512.
+extra="forbid": a misspelled key is an error, not an ignored knob.
+frozen: validators check, they never rewrite; changes are explicit spec patches.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)

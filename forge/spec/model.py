@@ -1,0 +1,106 @@
+"""[model]: the Titans-MAG backbone, its long-term memory and MAG gate, the TRM recursion, ACT halting.
+
+Every number the model builder reads comes from here; the builder has no defaults of its own.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from forge.spec.base import Section
+
+
+
+AttentionType = Literal["full", "sliding_window", "sliding_window_with_global"]
+
+
+class AttentionSpec(Section):
+    type: AttentionType = Field(description="full: causal over the whole sequence; sliding_window: each token "
+                                            "sees itself and the previous sw_window - 1 tokens; "
+                                            "sliding_window_with_global: plus global tokens (see global_every).")
+    sw_window: PositiveInt = Field(description="Sliding-window width in tokens (the query itself included).")
+    global_every: PositiveInt = Field(16, description="With sliding_window_with_global: every global_every-th "
+                                                      "position (0, 16, 32, ...) is a global token that attends to "
+                                                      "and is attended by all earlier positions (causally).")
+    global_tokens: PositiveInt = Field(64, description="With sliding_window_with_global: at most this many global "
+                                                       "tokens per sequence (the first ones).")
+    rope_theta: PositiveFloat = Field(10000.0, description="RoPE base frequency.")
+
+
+class MemorySpec(Section):
+    enabled: bool = Field(True, description="Titans long-term memory branch; false gives a plain attention model "
+                                            "(the benchmarks' baseline).")
+    d_mem: PositiveInt = Field(description="Width of the memory's q/k/v projections and of the memory matrix.")
+    decay: float = Field(gt=0, le=1, description="Forgetting factor per chunk update: M <- decay * M + S.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Surprise momentum eta: S <- eta * S - theta * grad.")
+    factorized: bool = Field(description="Low-rank initial memory M0 = W1 W2 instead of a full d_mem x d_mem matrix.")
+    rank: PositiveInt = Field(description="Rank of the factorized memory (ignored when factorized = false).")
+    chunk_size: PositiveInt = Field(description="Tokens per memory update; reads of a chunk use the memory as of the "
+                                                "end of the previous chunk (causal).")
+
+    @model_validator(mode="after")
+    def check_rank(self) -> "MemorySpec":
+        if self.factorized and self.rank > self.d_mem:
+            raise ValueError(f"rank ({self.rank}) must be <= d_mem ({self.d_mem}) when factorized = true")
+        return self
+
+
+class GateSpec(Section):
+    hidden: PositiveInt = Field(description="Hidden width of the MAG gate MLP over [y; m].")
+    entropy_reg: float = Field(ge=0, description="Weight of the gate-entropy regulariser (-entropy_reg * H(g)).")
+
+
+class TRMSpec(Section):
+    enabled: bool = Field(True, description="TRM recursion on top of the backbone; false decodes the backbone "
+                                            "output directly (one step, the baseline).")
+    t_max: PositiveInt = Field(description="Outer (deep-supervision) steps.")
+    micro_steps: PositiveInt = Field(description="Latent refinements z <- f(x, y, z) per outer step.")
+    detach_between_steps: bool = Field(description="Detach (y, z) between outer steps (gradient flows within a step "
+                                                    "only).")
+    step_weights: list[float] = Field(min_length=1, description="Weight of each outer step's cross-entropy loss; "
+                                                                "one per step (length t_max).")
+    stateless_mode: bool = Field(True, description="Memory and recursion state start fresh for every sequence: "
+                                                   "identical inputs give identical outputs.")
+    n_layers: PositiveInt = Field(2, description="Blocks in the shared refinement network f.")
+    ffn_hidden: PositiveInt = Field(description="SwiGLU hidden width of the refinement network's blocks.")
+
+    @model_validator(mode="after")
+    def check_step_weights(self) -> "TRMSpec":
+        if len(self.step_weights) != self.t_max:
+            raise ValueError(f"step_weights has {len(self.step_weights)} entries but t_max = {self.t_max}; "
+                             f"give one weight per outer step")
+        if any(w < 0 for w in self.step_weights) or not any(w > 0 for w in self.step_weights):
+            raise ValueError("step_weights must be >= 0 with at least one > 0")
+        return self
+
+
+class ACTSpec(Section):
+    halt_thresh: float = Field(ge=0, le=1, description="At evaluation a token uses the first outer step whose halt "
+                                                       "probability exceeds this.")
+    ema_teacher: float = Field(ge=0, lt=1, description="EMA factor of the per-step token accuracy (act/ema_acc_stepN).")
+    warmup_steps: int = Field(ge=0, description="ACT loss weight is 0 before this optimizer step.")
+    loss_weight: float = Field(ge=0, description="Weight of the halting BCE loss after warmup.")
+
+
+class ModelSpec(Section):
+    vocab_size: PositiveInt = Field(description="Tokenizer and embedding size (the LM head is tied to the embedding).")
+    d_model: PositiveInt = Field(description="Residual stream width.")
+    n_layers: PositiveInt = Field(description="Backbone blocks.")
+    n_heads: PositiveInt = Field(description="Attention heads (d_model must divide evenly).")
+    ffn_hidden: PositiveInt = Field(description="SwiGLU hidden width of the backbone blocks.")
+    norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm epsilon.")
+    init_std: PositiveFloat = Field(0.02, description="Std of the normal init of weight matrices and the embedding.")
+    attention: AttentionSpec
+    memory: MemorySpec
+    gate: GateSpec
+    trm: TRMSpec
+    act: ACTSpec
+
+    @model_validator(mode="after")
+    def check_heads(self) -> "ModelSpec":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        return self

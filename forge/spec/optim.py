@@ -1,0 +1,77 @@
+"""[optim]: MuGrokConfig, the MuonGrokfast stack (Muon + Grokfast + QK-clip, AdamW for the rest).
+
+The section is phase-agnostic: later phases reuse it, and presets are spec files, not code constants.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from forge.spec.base import Section
+
+
+OptimizerName = Literal["muon_grokfast", "adamw"]
+# match_adamw_rms (Moonlight): 0.2 * sqrt(max(rows, cols)), update RMS ~0.2 like AdamW, so AdamW lrs carry over.
+# keller: sqrt(max(1, rows / cols)).
+MuonScaling = Literal["match_adamw_rms", "keller"]
+NSDtype = Literal["fp32", "bf16"]
+
+
+class MuonSpec(Section):
+    beta: float = Field(ge=0, lt=1, description="Momentum coefficient.")
+    nesterov: bool = Field(True, description="Nesterov momentum.")
+    ns_steps: PositiveInt = Field(description="Newton-Schulz iterations k (quintic coefficients).")
+    use_svd: bool = Field(description="Exact orthogonalisation by SVD instead of Newton-Schulz (slow; D2 fallback).")
+    scaling: MuonScaling = Field("match_adamw_rms", description="Shape-based update scaling.")
+    ns_dtype: NSDtype = Field("fp32", description="Newton-Schulz compute dtype: fp32 on CPU; bf16 allowed on CUDA.")
+
+
+class GrokfastSpec(Section):
+    enabled: bool = Field(description="Grokfast slow-gradient amplification, once per optimizer step.")
+    alpha: float = Field(ge=0, lt=1, description="EMA factor: g_ema <- alpha g_ema + (1 - alpha) g.")
+    lam: float = Field(ge=0, description="Amplification: g <- g + lam * g_ema.")
+
+
+class QKClipSpec(Section):
+    enabled: bool = Field(True, description="Rescale W_Q/W_K of heads whose max attention logit exceeds tau.")
+    tau: PositiveFloat = Field(description="Max-logit threshold (inf disables clipping).")
+    per_head: bool = Field(description="Clip per head (true) or per layer with the layer's max (false).")
+    mlarope_shared_k_protected: bool = Field(description="Never rescale the (shared) rotary key; the query side "
+                                                         "takes the full factor instead.")
+
+
+class AdamWSpec(Section):
+    lr: Optional[PositiveFloat] = Field(None, description="Learning rate of the AdamW group; unset = optim.lr.")
+    betas: list[float] = Field(min_length=2, max_length=2, description="AdamW (beta1, beta2).")
+    eps: PositiveFloat = Field(description="AdamW epsilon.")
+    weight_decay: float = Field(ge=0, description="Decoupled weight decay of the AdamW group (1-D params, "
+                                                  "embeddings).")
+
+    @model_validator(mode="after")
+    def check_betas(self) -> "AdamWSpec":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1) (got {list(self.betas)})")
+        return self
+
+
+class LrOverride(Section):
+    match: str = Field(min_length=1, description="Parameter-name substring (e.g. 'attn.w_q').")
+    scale: PositiveFloat = Field(description="Multiplier of the group's lr for matching parameters.")
+
+
+class OptimSpec(Section):
+    name: OptimizerName = Field(description="muon_grokfast (Muon for 2-D hidden weights, AdamW for the rest) or "
+                                            "adamw (plain AdamW for everything: the baseline).")
+    lr: PositiveFloat = Field(description="Peak learning rate (Muon group; AdamW group unless adamw.lr is set).")
+    weight_decay: float = Field(ge=0, description="Decoupled weight decay of the Muon group.")
+    grad_clip: PositiveFloat = Field(description="Global gradient-norm clip (max_norm), after Grokfast.")
+    muon: MuonSpec
+    grokfast: GrokfastSpec
+    qk_clip: QKClipSpec
+    adamw: AdamWSpec
+    lr_overrides: list[LrOverride] = Field(default_factory=list, description="Per-parameter lr multipliers.")
+    kl_coefficient: Optional[float] = Field(None, ge=0, description="Later phases (distillation): KL weight. "
+                                                                    "Validated, unused in Phase 1.")
+    ste_mode: Optional[bool] = Field(None, description="Later phases (quantisation): straight-through estimator. "
+                                                       "Validated, unused in Phase 1.")

@@ -1,0 +1,48 @@
+"""The whole experiment spec: one pydantic tree, one section per component.
+
+A spec file may start with `extends = "other.toml"` (resolved by forge.spec.load before validation);
+the resolved spec has no `extends`.
+"""
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from forge.spec.base import Section
+from forge.spec.data import DataSpec
+from forge.spec.model import ModelSpec
+from forge.spec.objective import ObjectiveSpec
+from forge.spec.optim import OptimSpec
+from forge.spec.run import RunSpec
+from forge.spec.training import CheckpointSpec, LoggingSpec, MergePreviewSpec, TrainSpec
+
+
+class Spec(Section):
+    """A forge experiment. Files may compose with `extends = "base.toml"` (relative to the file)."""
+
+    run: RunSpec
+    model: ModelSpec
+    objective: ObjectiveSpec
+    optim: OptimSpec
+    data: DataSpec
+    train: TrainSpec
+    checkpoint: CheckpointSpec
+    logging: LoggingSpec
+    merge_preview: MergePreviewSpec
+
+    @model_validator(mode="after")
+    def check_cross_section(self) -> "Spec":
+        att, data = self.model.attention, self.data
+        if att.sw_window > data.filters.max_length:
+            raise ValueError(f"model.attention.sw_window ({att.sw_window}) must be <= data.filters.max_length "
+                             f"({data.filters.max_length})")
+        lengths = [data.seq_len] + [c.seq_len for c in data.curriculum]
+        if max(lengths) > data.filters.max_length:
+            raise ValueError(f"sequence length {max(lengths)} (data.seq_len / curriculum) exceeds "
+                             f"data.filters.max_length ({data.filters.max_length})")
+        if self.model.memory.enabled and any(n % self.model.memory.chunk_size for n in lengths):
+            raise ValueError(f"every sequence length ({lengths}) must be a multiple of "
+                             f"model.memory.chunk_size ({self.model.memory.chunk_size})")
+        return self
+
+
+SECTIONS = tuple(Spec.model_fields)

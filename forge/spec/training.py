@@ -1,0 +1,55 @@
+"""[train], [checkpoint], [logging], [merge_preview]: how the run executes and what it records."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, PositiveInt, model_validator
+
+from forge.spec.base import Section
+
+
+class TrainSpec(Section):
+    max_steps: PositiveInt = Field(description="Optimizer steps of the run.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(description="Decay after warmup.")
+    warmup_steps: int = Field(ge=0, description="Linear lr warmup from 0 over this many steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine/linear).")
+    eval_every: PositiveInt = Field(description="Evaluate on the held-out split every N steps (and at the end).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present, else CPU.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast is used on CUDA only; CPU "
+                                                                   "always trains in fp32.")
+    max_nonfinite_in_a_row: PositiveInt = Field(10, description="Stop the run (status failed) after this many "
+                                                                "consecutive non-finite losses/gradients.")
+
+    @model_validator(mode="after")
+    def check_warmup(self) -> "TrainSpec":
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
+class CheckpointSpec(Section):
+    every: PositiveInt = Field(description="Save a checkpoint every N steps (and at the end).")
+    keep_last_n: PositiveInt = Field(description="Checkpoints kept on disk (>= 1).")
+    async_save: bool = Field(False, description="Write checkpoints in a background thread (atomicity kept).")
+
+
+class WandbSpec(Section):
+    project: str = Field(min_length=1, description="W&B project.")
+    name: str = Field(min_length=1, description="W&B run display name.")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user); unset = the default.")
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline writes under the run "
+                                                                                 "directory; disabled writes nothing.")
+
+
+class LoggingSpec(Section):
+    every: PositiveInt = Field(description="Compute and log metrics every N steps.")
+    histograms: bool = Field(description="Log weight/activation histograms (costly; F1).")
+    gradients: bool = Field(description="Log per-parameter gradient norms (costly; F1).")
+    wandb: WandbSpec
+
+
+class MergePreviewSpec(Section):
+    enabled: bool = Field(True, description="Phase 2 merge preview during training.")
+    every: PositiveInt = Field(description="Merge current weights with the previous checkpoint every N steps.")
+    method: Literal["slerp", "linear"] = Field(description="Merge method.")
+    t: float = Field(0.5, ge=0, le=1, description="Interpolation factor between the two parents.")

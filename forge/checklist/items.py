@@ -47,10 +47,13 @@ def load_checklist(name: str) -> Checklist:
     path = checklist_dir() / f"{name}.toml"
     if not path.is_file():
         available = sorted(p.stem for p in checklist_dir().glob("*.toml"))
-        raise SpecError([Problem("run.checklist", "run.checklist",
-                                 f"no checklist {name!r} in {checklist_dir()} (available: {', '.join(available)})",
-                                 name)])
+        raise _invalid("run.checklist", "run.checklist",
+                       f"no checklist {name!r} in {checklist_dir()} (available: {', '.join(available)})", name)
     return _load(path, ())
+
+
+def _invalid(where: str, key: str, message: str, *value: Any) -> SpecError:
+    return SpecError([Problem(where, key, message, *value)], header="invalid checklist")
 
 
 def _load(path: Path, seen: tuple[Path, ...]) -> Checklist:
@@ -58,27 +61,26 @@ def _load(path: Path, seen: tuple[Path, ...]) -> Checklist:
 
     shown = str(path)
     if path.resolve() in seen:
-        raise SpecError([Problem(shown, "extends", "cyclic checklist extends")], header="invalid checklist")
+        raise _invalid(shown, "extends", "cyclic checklist extends")
     text = path.read_text(encoding="utf-8")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise SpecError([Problem(shown, "", f"malformed TOML: {err}")], header="invalid checklist") from None
+        raise _invalid(shown, "", f"malformed TOML: {err}") from None
     lines = key_lines(text)
 
     def where(*key) -> str:
         return str(Origin(shown, lines.get(tuple(key))))
 
-    base_items: dict[str, dict] = {}
+    items: dict[str, dict] = {}
     if "extends" in raw:
         base = _load(path.parent / raw.pop("extends"), (*seen, path.resolve()))
-        base_items = {i.id: i.model_dump() for i in base.items}
+        items = {i.id: i.model_dump() for i in base.items}
     for dropped in raw.pop("drop", []):
-        if base_items.pop(dropped, None) is None:
-            raise SpecError([Problem(where("drop"), "drop", "no such item in the base checklist", dropped)],
-                            header="invalid checklist")
+        if items.pop(dropped, None) is None:
+            raise _invalid(where("drop"), "drop", "no such item in the base checklist", dropped)
     for n, item in enumerate(raw.pop("item", [])):
-        merged = dict(base_items.get(item.get("id"), {}))
+        merged = dict(items.get(item.get("id"), {}))
         params = {**merged.get("params", {}), **item.get("params", {})}
         merged.update(item)
         merged["params"] = params
@@ -86,14 +88,14 @@ def _load(path: Path, seen: tuple[Path, ...]) -> Checklist:
             checked = Item.model_validate(merged)
         except ValidationError as err:
             e = err.errors()[0]
-            key = ".".join(map(str, e["loc"]))
-            raise SpecError([Problem(where("item", n, *e["loc"][:1]), f"item.{n}.{key}", e["msg"])], header="invalid checklist") from None
+            raise _invalid(where("item", n, *e["loc"][:1]), f"item.{n}." + ".".join(map(str, e["loc"])),
+                           e["msg"]) from None
         if checked.check not in known_checks():
-            raise SpecError([Problem(where("item", n, "check"), f"item.{n}.check",
-                                     f"unknown check; known: {', '.join(sorted(known_checks()))}", checked.check)])
-        base_items[checked.id] = checked.model_dump()
+            raise _invalid(where("item", n, "check"), f"item.{n}.check",
+                           f"unknown check; known: {', '.join(sorted(known_checks()))}", checked.check)
+        items[checked.id] = checked.model_dump()  # an overridden id keeps its place
     try:
-        return Checklist.model_validate({**raw, "items": list(base_items.values()), "source": shown})
+        return Checklist.model_validate({**raw, "items": list(items.values()), "source": shown})
     except ValidationError as err:
         e = err.errors()[0]
-        raise SpecError([Problem(shown, ".".join(map(str, e["loc"])), e["msg"])], header="invalid checklist") from None
+        raise _invalid(shown, ".".join(map(str, e["loc"])), e["msg"]) from None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt
 
 from forge.spec.base import Section
 
@@ -19,12 +19,6 @@ class TrainSpec(Section):
                                                                    "always trains in fp32.")
     max_nonfinite_in_a_row: PositiveInt = Field(10, description="Stop the run (status failed) after this many "
                                                                 "consecutive non-finite losses/gradients.")
-
-    @model_validator(mode="after")
-    def check_warmup(self) -> "TrainSpec":
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
-        return self
 
 
 class CheckpointSpec(Section):

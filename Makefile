@@ -1,0 +1,28 @@
+# The two entry points of the README. Each sets up its own virtual environment on a fresh machine.
+#   make demo   check + (once training exists) train the tiny spec on the built-in corpus, offline
+#   make test   the whole test suite (what CI runs)
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export FORGE_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU build that lies on this kind of machine's disk; elsewhere any torch>=2.4.
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/forge check specs/tiny.toml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .cache

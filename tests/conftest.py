@@ -1,0 +1,48 @@
+"""Shared test fixtures: paths of the repository, its specs and the real data samples."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = REPO / "specs"
+
+
+def shared_data_dir() -> Path | None:
+    """$FORGE_DATA_DIR, else ../shared/data beside the repository; None when neither exists."""
+    for candidate in (os.environ.get("FORGE_DATA_DIR"), REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    found = shared_data_dir()
+    if found is None:
+        pytest.skip("real data samples not found: set FORGE_DATA_DIR or put shared/ beside the repository")
+    return found
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run `forge ARGS...` in-process; returns (exit_code, stdout, stderr)."""
+    from forge.cli import main
+
+    def run(*argv: str, cwd: Path | None = None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(argv))
+        out, err = capsys.readouterr()
+        code = exit_info.value.code
+        return (0 if code is None else code), out, err
+
+    return run

@@ -1,0 +1,152 @@
+"""Checklists are data and they execute: loading, extension, statuses, exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, SPECS
+from forge.checklist.items import checklist_dir, load_checklist
+from forge.checklist.registry import CHECKS, PENDING, known_checks
+from forge.checklist.runner import run_checklist
+from forge.errors import SpecError
+from forge.spec.load import load_spec
+
+SHIPPED = sorted(p.stem for p in (REPO / "checklists").glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_checklist_loads_with_known_checks(name):
+    checklist = load_checklist(name)
+    assert checklist.items
+    ids = [i.id for i in checklist.items]
+    assert len(ids) == len(set(ids))
+    assert all(i.check in known_checks() for i in checklist.items)
+
+
+def test_phase1_checklist_covers_the_design_checklist():
+    ids = {i.id for i in load_checklist("phase1").items}
+    assert {"CFG-complete", "B1-param-budget", "A2-datasets", "F1-wandb", "D1-grokfast", "D2-muon",
+            "D3-qk-clip", "E1-rotary-k", "G2-routing", "F2-checkpoint", "G1-merge-preview",
+            "OBS-metric-families", "C1-act", "C2-recursion"} <= ids
+
+
+def test_tiny_checklist_extends_phase1():
+    phase1 = {i.id: i for i in load_checklist("phase1").items}
+    tiny = {i.id: i for i in load_checklist("tiny").items}
+    assert "B2-memory-gate" not in tiny                        # dropped
+    assert tiny["B1-param-budget"].params["target"] != phase1["B1-param-budget"].params["target"]
+    assert tiny["B1-param-budget"].check == "param_budget"     # inherited field
+    assert tiny["D1-grokfast"] == phase1["D1-grokfast"]        # untouched
+
+
+@pytest.mark.parametrize("spec", ["phase1.toml", "tiny.toml"])
+def test_shipped_specs_pass_their_own_checklist(spec, data_dir):
+    result = run_checklist(load_spec(SPECS / spec), data_dir=data_dir)
+    assert result.ok, [(r.id, r.measured, r.detail) for r in result.critical_failures]
+    for r in result.items:
+        if r.status == "skip":
+            assert r.detail, r.id  # a skip always says why
+
+
+def test_changed_design_value_fails_the_critical_item():
+    result = run_checklist(load_spec(SPECS / "tiny.toml", ["optim.grokfast.lam=0.1"]))
+    d1 = next(r for r in result.items if r.id == "D1-grokfast")
+    assert d1.status == "fail" and "optim.grokfast.lam=0.1" in d1.measured and "0.3" in d1.measured
+    assert not result.ok
+
+
+def test_failed_monitor_item_only_warns():
+    result = run_checklist(load_spec(SPECS / "tiny.toml", ["logging.histograms=true"]))
+    f1 = next(r for r in result.items if r.id == "F1-logging")
+    assert f1.status == "warn" and result.ok
+
+
+def test_pending_check_reports_skip_never_pass(tmp_path, monkeypatch):
+    PENDING["not_built_yet"] = "its component does not exist"
+    try:
+        (tmp_path / "c.toml").write_text('name = "c"\n[[item]]\nid = "A1-x"\ntitle = "t"\nseverity = "critical"\n'
+                                         'check = "not_built_yet"\n')
+        monkeypatch.setenv("FORGE_CHECKLIST_DIR", str(tmp_path))
+        result = run_checklist(load_spec(SPECS / "tiny.toml"), checklist=load_checklist("c"))
+        assert [(r.status, r.detail) for r in result.items] == [("skip", "its component does not exist")]
+        assert result.ok
+    finally:
+        PENDING.pop("not_built_yet")
+
+
+def test_crashing_check_is_a_failure_not_a_crash(tmp_path, monkeypatch):
+    def explode(ctx):
+        raise ValueError("boom")
+    CHECKS["explodes"] = explode
+    try:
+        (tmp_path / "c.toml").write_text('name = "c"\n[[item]]\nid = "A1-x"\ntitle = "t"\nseverity = "critical"\n'
+                                         'check = "explodes"\n')
+        monkeypatch.setenv("FORGE_CHECKLIST_DIR", str(tmp_path))
+        result = run_checklist(load_spec(SPECS / "tiny.toml"), checklist=load_checklist("c"))
+        assert result.items[0].status == "fail" and "boom" in result.items[0].detail
+    finally:
+        CHECKS.pop("explodes")
+
+
+@pytest.mark.parametrize("body,fragment,line", [
+    ('name = "c"\n[[item]]\nid = "A1-x"\ntitle = "t"\nseverity = "critical"\ncheck = "no_such_check"\n',
+     "unknown check", 6),
+    ('name = "c"\n[[item]]\nid = "A1-x"\ntitle = "t"\nseverity = "urgent"\ncheck = "spec_values"\n',
+     "'critical' or 'monitor'", 5),
+    ('name = "c"\n[[item]]\nid = "Z9-x"\ntitle = "t"\nseverity = "critical"\ncheck = "spec_values"\n',
+     "should match pattern", 3),
+    ('extends = "phase1.toml"\nname = "c"\ndrop = ["nope"]\n', "no such item", 3),
+])
+def test_bad_checklist_is_located(tmp_path, monkeypatch, run_cli, body, fragment, line):
+    (tmp_path / "phase1.toml").write_text((checklist_dir() / "phase1.toml").read_text())
+    (tmp_path / "c.toml").write_text(body)
+    monkeypatch.setenv("FORGE_CHECKLIST_DIR", str(tmp_path))
+    with pytest.raises(SpecError) as err:
+        load_checklist("c")
+    assert fragment in str(err.value) and f"c.toml:{line}" in str(err.value)
+    code, _, errtext = run_cli("check", str(SPECS / "tiny.toml"), "--set", "run.checklist=c")
+    assert code == 2 and "invalid checklist" in errtext
+
+
+def test_unknown_checklist_name(run_cli):
+    code, _, err = run_cli("check", str(SPECS / "tiny.toml"), "--set", "run.checklist=nope")
+    assert code == 2 and "no checklist 'nope'" in err and "tiny" in err
+
+
+def test_forge_check_exit_codes_and_json(run_cli):
+    code, out, _ = run_cli("check", str(SPECS / "tiny.toml"), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["checklist"] == "tiny"
+    assert report["spec_hash"] == load_spec(SPECS / "tiny.toml").hash
+    assert {i["status"] for i in report["items"]} <= {"pass", "warn", "skip"}
+    code, out, _ = run_cli("check", str(SPECS / "tiny.toml"), "--set", "optim.muon.ns_steps=5", "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"]
+    assert [i["id"] for i in report["items"] if i["status"] == "fail"] == ["D2-muon"]
+
+
+def test_forge_check_table_lists_every_item(run_cli):
+    code, out, _ = run_cli("check", str(SPECS / "phase1.toml"))
+    assert code == 0
+    for item in load_checklist("phase1").items:
+        assert item.id in out
+    assert "ready" in out
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    probe = ("import sys, forge.cli; heavy = [m for m in ('torch', 'wandb', 'datasets', 'pydantic', 'tokenizers') "
+             "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    forge_bin = os.path.join(os.path.dirname(sys.executable), "forge")
+    subprocess.run([forge_bin, "--help"], capture_output=True, check=True)  # warm the file cache
+    start = time.perf_counter()
+    done = subprocess.run([forge_bin, "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 0 and "check" in done.stdout
+    assert elapsed < 1.0, f"forge --help took {elapsed:.2f}s"

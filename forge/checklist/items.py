@@ -76,6 +76,7 @@ def _load(path: Path, seen: tuple[Path, ...]) -> Checklist:
     if "extends" in raw:
         base = _load(path.parent / raw.pop("extends"), (*seen, path.resolve()))
         items = {i.id: i.model_dump() for i in base.items}
+    raw.pop("monitor", None)  # during-training monitors: read by forge.train.monitors
     for dropped in raw.pop("drop", []):
         if items.pop(dropped, None) is None:
             raise _invalid(where("drop"), "drop", "no such item in the base checklist", dropped)

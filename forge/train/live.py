@@ -1,0 +1,77 @@
+"""What a person watching the run sees: a rich progress display on a terminal, plain log lines
+otherwise (CI, pipes, files). Reads the metrics records the loop logs; computes nothing itself."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class LiveView:
+    def __init__(self, run_id: str, start_step: int, max_steps: int, tty: bool | None = None):
+        self.run_id, self.start_step, self.max_steps = run_id, start_step, max_steps
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.t0 = time.perf_counter()
+        self.warnings: list[str] = []
+        self._progress = None
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                                      TextColumn("[yellow]{task.fields[warning]}"), transient=False)
+            self._task = self._progress.add_task(run_id, total=max_steps, completed=start_step, stats="",
+                                                 warning="")
+            self._progress.start()
+        else:
+            self._line(f"run {run_id}: steps {start_step}..{max_steps}")
+
+    def _line(self, text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def _stats(self, step: int, record: dict[str, Any]) -> str:
+        parts = []
+        for key, label, fmt in (("loss/total", "loss", "{:.4f}"), ("perf/tokens_per_sec", "tok/s", "{:,.0f}"),
+                                ("valid/bits_per_byte", "val bpb", "{:.3f}")):
+            if isinstance(record.get(key), (int, float)):
+                parts.append(f"{label} {fmt.format(record[key])}")
+        return "  ".join(parts)
+
+    def step(self, step: int, record: dict[str, Any] | None = None) -> None:
+        """Called after every optimizer step; `record` is the logged metrics on logging steps."""
+        if self._progress is not None:
+            fields = {"stats": self._stats(step, record)} if record else {}
+            self._progress.update(self._task, completed=step, **fields)
+        elif record:
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.t0
+            eta = _eta(elapsed / done * (self.max_steps - step)) if done else "?"
+            self._line(f"step {step}/{self.max_steps}  {self._stats(step, record)}  eta {eta}")
+
+    def note(self, text: str) -> None:
+        """Informational line (evaluation results, checkpoints)."""
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False)
+        else:
+            self._line(text)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+        if self._progress is not None:
+            self._progress.update(self._task, warning=text[:60])
+            self._progress.console.print(f"[yellow]warning:[/] {text}", highlight=False)
+        else:
+            self._line(f"warning: {text}")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

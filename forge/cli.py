@@ -18,6 +18,8 @@ app = typer.Typer(name="forge", no_args_is_help=True, add_completion=False, pret
                   help="Turn a TOML experiment spec into a guarded Phase 1 training run.")
 spec_app = typer.Typer(no_args_is_help=True, help="Inspect specs: resolved view, differences, schema.")
 app.add_typer(spec_app, name="spec")
+patch_app = typer.Typer(no_args_is_help=True, help="Spec patches written by forge diagnose --apply.")
+app.add_typer(patch_app, name="patch")
 
 SetOption = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
                          help="Override a spec key, typed by the schema (repeatable), e.g. optim.grokfast.lam=0.1")
@@ -41,6 +43,135 @@ def check(spec: Path = typer.Argument(..., help="Spec TOML file."),
     else:
         ui.render_checklist(result, str(spec), resolved.hash)
     raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not needed with --resume)."),
+          overrides: Optional[List[str]] = SetOption,
+          run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id [default: <name>-<date>-<hex>]."),
+          resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID",
+                                               help="Continue RUN_ID from its newest valid checkpoint."),
+          max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
+                                                  help="Stop at this step (the lr schedule still follows "
+                                                       "train.max_steps)."),
+          force: bool = typer.Option(False, "--force", help="Launch even if a critical checklist item fails "
+                                                            "(recorded in the run's lineage)."),
+          data_dir: Optional[Path] = DataDirOption) -> None:
+    """Gate SPEC with its checklist, then train; metrics, checkpoints and status go to runs/<run-id>/."""
+    from forge.checklist.context import default_data_dir
+    from forge.errors import ForgeError
+    from forge.spec.load import load_spec
+    from forge.train.launch import reopen, start
+    from forge.train.launch import train as run_training
+
+    data_dir = data_dir or default_data_dir()
+    if resume:
+        if overrides:
+            raise ForgeError("--set cannot change a run being resumed; start a new run with the changed spec")
+        root = Path(load_spec(spec).spec.run.output_dir) if spec else Path("runs")
+        resolved, run = reopen(resume, root)
+    else:
+        if spec is None:
+            raise ForgeError("give a SPEC to start a run, or --resume RUN_ID to continue one")
+        refused, resolved, run = start(spec, overrides or [], run_id=run_id, force=force, data_dir=data_dir)
+        if refused:
+            ui.render_checklist(refused.checklist, str(spec), resolved.hash)
+            ui.print_error(refused.message)
+            raise typer.Exit(refused.exit_code)
+    result = run_training(resolved, run, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
+    ui.render_run_end(result, run.path)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def runs(output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
+         as_json: bool = JsonOption) -> None:
+    """List runs: id, spec, status, step, last loss, validation perplexity."""
+    from forge.train.runs import list_runs
+
+    rows = list_runs(output_dir)
+    if as_json:
+        ui.print_json(rows)
+    else:
+        ui.render_runs(rows, output_dir)
+
+
+@app.command()
+def diagnose(run_id: str = typer.Argument(..., help="Run id (a directory under --output-dir)."),
+             output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
+             apply: bool = typer.Option(False, "--apply", help="Write the top remedy as a new spec that extends "
+                                                               "the run's spec (without it: dry run)."),
+             rule: Optional[str] = typer.Option(None, "--rule", help="Apply this rule's remedy instead of the "
+                                                                     "most confident finding's."),
+             remedy: int = typer.Option(1, "--remedy", min=1, help="Which of the rule's remedies (1 = first)."),
+             as_json: bool = JsonOption) -> None:
+    """Walk the debugging tree over RUN_ID's metrics; suggest (or --apply) spec patches. Exit 1 on findings."""
+    from forge.diagnose.patch import build_patch, write_patched_spec
+    from forge.diagnose.run import diagnose_run
+    from forge.errors import ForgeError
+    from forge.train.run_dir import RunDir
+
+    run = RunDir.open(output_dir, run_id)
+    result = diagnose_run(run)
+    written = None
+    if apply:
+        chosen = [f for f in result.findings if rule in (None, f.rule.id) and f.suggestions]
+        if not chosen:
+            raise ForgeError(f"nothing to apply: {'rule ' + rule + ' did not fire or' if rule else 'no finding'} "
+                             "has no remedy for this run")
+        finding = chosen[0]
+        if remedy > len(finding.suggestions):
+            raise ForgeError(f"rule {finding.rule.id} has {len(finding.suggestions)} remedies; --remedy {remedy} "
+                             "does not exist")
+        patch = build_patch(finding, finding.suggestions[remedy - 1], run.run_id, run.read("lineage.json"))
+        written = write_patched_spec(patch)
+    if as_json:
+        ui.print_json(ui.diagnosis_json(result, written))
+    else:
+        ui.render_diagnosis(result, written)
+    raise typer.Exit(0 if result.healthy else 1)
+
+
+@app.command()
+def report(run_ids: List[str] = typer.Argument(..., help="One run id, or several to compare side by side."),
+           output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
+           write_html: bool = typer.Option(False, "--html", help="Also write <run>/report.html (self-contained)."),
+           as_json: bool = JsonOption) -> None:
+    """The design's success-criteria table, curves as sparklines and PNGs (<run>/plots/)."""
+    from dataclasses import asdict
+
+    from forge.report.criteria import RunRecord, success_criteria
+    from forge.report.render import render_comparison, render_terminal, write_html as html_page, write_plots
+    from forge.train.run_dir import RunDir
+
+    recs = [RunRecord.load(RunDir.open(output_dir, r)) for r in run_ids]
+    if as_json:
+        ui.print_json({rec.run.run_id: [asdict(c) for c in success_criteria(rec)] for rec in recs})
+        return
+    if len(recs) > 1:
+        render_comparison(recs)
+        return
+    plots = write_plots(recs[0])
+    render_terminal(recs[0], plots)
+    if write_html:
+        ui.print_text(f"wrote {html_page(recs[0], plots)}")
+
+
+@patch_app.command("show")
+def patch_show(patch: Path = typer.Argument(..., help="Patch record (specs/patches/*.json).")) -> None:
+    """Print a patch record: run, rule, evidence, operations."""
+    from forge.diagnose.patch import read_patch
+
+    ui.print_json(read_patch(patch))
+
+
+@patch_app.command("apply")
+def patch_apply(patch: Path = typer.Argument(..., help="Patch record (specs/patches/*.json).")) -> None:
+    """Write a new spec from a recorded patch (refused if the base spec changed since the run)."""
+    from forge.diagnose.patch import read_patch, write_patched_spec
+
+    written = write_patched_spec(read_patch(patch))
+    ui.print_text(f"wrote {written.spec_path} (patch record {written.path})")
 
 
 @spec_app.command("show")
@@ -86,9 +217,16 @@ def spec_schema() -> None:
     ui.print_json(Spec.model_json_schema())
 
 
+def _register_groups() -> None:
+    from forge.cli_data import app as data_app
+
+    app.add_typer(data_app, name="data")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from forge.errors import ForgeError
 
+    _register_groups()
     try:
         app(args=argv)  # Typer handles usage errors (exit 2) and typer.Exit itself
     except ForgeError as err:

@@ -89,3 +89,72 @@ def render_diff(changes, left: str, right: str) -> None:
         table.add_row(_escape(c.key), "[dim](unset)[/]" if c.before is MISSING else _escape(repr(c.before)),
                       "[dim](unset)[/]" if c.after is MISSING else _escape(repr(c.after)))
     out.print(table)
+
+
+def render_run_end(result, run_path) -> None:
+    out = console()
+    style = {"finished": "green", "interrupted": "yellow"}.get(result.status, "bold red")
+    out.print(f"[{style}]run {result.run_id} {result.status}[/]" + (f": {_escape(result.message)}"
+                                                                    if result.message else ""))
+    out.print(f"[dim]artefacts in {run_path}; next: forge report {result.run_id}"
+              + (f" or forge train --resume {result.run_id}" if result.status == "interrupted" else "") + "[/]")
+
+
+def render_runs(rows: list[dict], root) -> None:
+    from rich.table import Table
+
+    out = console()
+    if not rows:
+        out.print(f"no runs in {root}")
+        return
+    table = Table(title=f"runs in {root}", title_justify="left")
+    for col in ("run", "spec", "status", "step", "loss", "valid ppl", "valid bpb"):
+        table.add_column(col, justify="right" if col in ("step", "loss", "valid ppl", "valid bpb") else "left")
+    for r in rows:
+        style = _STATUS_STYLE.get({"finished": "pass", "failed": "fail", "interrupted": "warn"}.get(r["status"], ""), "")
+        table.add_row(r["run_id"], _escape(r["spec"] or ""), f"[{style}]{r['status']}[/]" if style else r["status"],
+                      str(r["step"]), _fmt(r["loss"]), _fmt(r["valid_perplexity"]), _fmt(r["valid_bits_per_byte"]))
+    out.print(table)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def diagnosis_json(result, written=None) -> dict:
+    return {"run_id": result.run_id, "healthy": result.healthy, "status": result.status,
+            "steps_logged": result.steps_logged,
+            "findings": [{"rule": f.rule.id, "problem": f.rule.problem, "title": f.rule.title,
+                          "confidence": f.confidence, "evidence": [str(e) for e in f.evidence],
+                          "remedies": [{"rationale": s.rationale,
+                                        "changes": [{"key": c.key, "before": c.before, "after": c.after}
+                                                    for c in s.changes]} for s in f.suggestions]}
+                         for f in result.findings],
+            "written": None if written is None else {"spec": str(written.spec_path), "patch": str(written.path)}}
+
+
+def render_diagnosis(result, written=None) -> None:
+    from rich.panel import Panel
+
+    out = console()
+    status = result.status.get("status", "?")
+    out.print(f"[bold]diagnosis of {result.run_id}[/] (status {status}, {result.steps_logged} logged steps)")
+    if result.warnings:
+        out.print(f"[yellow]{len(result.warnings)} during-training warnings[/]: "
+                  + ", ".join(sorted({w['id'] for w in result.warnings})))
+    if result.healthy:
+        out.print("[bold green]healthy[/]: no rule of the debugging tree fired")
+        return
+    for n, f in enumerate(result.findings, 1):
+        lines = [f"[dim]{_escape(f.rule.explain)}[/]", ""]
+        lines += [f"evidence: {_escape(str(e))}" for e in f.evidence]
+        for k, sug in enumerate(f.suggestions, 1):
+            diff = ", ".join(f"{c.key}: {c.before!r} -> {c.after!r}" for c in sug.changes)
+            lines.append(f"remedy {k}: [bold]{_escape(diff)}[/]  [dim]({_escape(sug.rationale)})[/]")
+        out.print(Panel("\n".join(lines), title=f"{n}. [{f.rule.problem}] {f.rule.id}: {_escape(f.rule.title)}",
+                        subtitle=f"confidence {f.confidence:.2f}", title_align="left"))
+    if written is not None:
+        out.print(f"[green]wrote {written.spec_path}[/] (patch record {written.path}); "
+                  f"next: forge train {written.spec_path}")
+    else:
+        out.print("[dim]dry run: add --apply to write the top remedy as a patched spec[/]")

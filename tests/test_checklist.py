@@ -44,7 +44,7 @@ def test_tiny_checklist_extends_phase1():
     assert tiny["D1-grokfast"] == phase1["D1-grokfast"]        # untouched
 
 
-@pytest.mark.parametrize("spec", ["phase1.toml", "tiny.toml"])
+@pytest.mark.parametrize("spec", ["local.toml", "tiny.toml", "tiny_local.toml"])
 def test_shipped_specs_pass_their_own_checklist(spec, data_dir):
     result = run_checklist(load_spec(SPECS / spec), data_dir=data_dir)
     assert result.ok, [(r.id, r.measured, r.detail) for r in result.critical_failures]
@@ -113,6 +113,22 @@ def test_bad_checklist_is_located(tmp_path, monkeypatch, run_cli, body, fragment
     assert code == 2 and "invalid checklist" in errtext
 
 
+def test_hub_spec_without_network_fails_the_data_item_with_a_fix(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
+    code, out, _ = run_cli("check", str(SPECS / "phase1.toml"), "--json")
+    report = json.loads(out)
+    a2 = next(i for i in report["items"] if i["id"] == "A2-datasets")
+    assert code == 1 and a2["status"] == "fail" and "forge data pull" in a2["detail"]
+    b1 = next(i for i in report["items"] if i["id"] == "B1-param-budget")
+    assert b1["status"] == "pass"  # everything that does not need the data still runs
+
+
+def test_data_pull_without_network_is_a_clean_error(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
+    code, out, err = run_cli("data", "pull", str(SPECS / "phase1.toml"))
+    assert code == 2 and "tinystories" in err and "Traceback" not in err
+
+
 def test_unknown_checklist_name(run_cli):
     code, _, err = run_cli("check", str(SPECS / "tiny.toml"), "--set", "run.checklist=nope")
     assert code == 2 and "no checklist 'nope'" in err and "tiny" in err
@@ -130,8 +146,8 @@ def test_forge_check_exit_codes_and_json(run_cli):
     assert [i["id"] for i in report["items"] if i["status"] == "fail"] == ["D2-muon"]
 
 
-def test_forge_check_table_lists_every_item(run_cli):
-    code, out, _ = run_cli("check", str(SPECS / "phase1.toml"))
+def test_forge_check_table_lists_every_item(run_cli, data_dir):
+    code, out, _ = run_cli("check", str(SPECS / "local.toml"), "--data-dir", str(data_dir))
     assert code == 0
     for item in load_checklist("phase1").items:
         assert item.id in out

@@ -4,6 +4,7 @@ Mixture weights are shares of *tokens* (after tokenisation and filtering), not o
 """
 from __future__ import annotations
 
+import string
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, PositiveInt, model_validator
@@ -13,10 +14,39 @@ from forge.spec.base import Section
 Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
+def template_fields(template: str) -> list[str]:
+    """The field names a text_template refers to, in order (ValueError if it is no format string)."""
+    return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f is not None))
+
+
 class _SourceBase(Section):
     name: Name = Field(description="Source name, used in metrics (valid/<name>/...) and reports.")
     weight: float = Field(gt=0, le=1, description="Share of training tokens drawn from this source.")
-    text_field: str = Field("text", min_length=1, description="Field of each record that holds the text.")
+    text_field: str = Field("text", min_length=1, description="Field of each record that holds the text "
+                                                               "(unless text_template is set).")
+    text_template: Optional[str] = Field(
+        None, min_length=1,
+        description="Build the text from several fields instead of text_field: a Python format string over "
+                    "the record's fields, e.g. \"{question}\\n{answer}\" (literal braces doubled: {{ }}).")
+
+    @model_validator(mode="after")
+    def check_text(self) -> "_SourceBase":
+        if self.text_template is None:
+            return self
+        if self.text_field != "text":  # (compared with the default: a dumped spec must validate again)
+            raise ValueError("set either text_field or text_template, not both")
+        try:
+            fields = template_fields(self.text_template)
+        except ValueError as err:
+            raise ValueError(f"text_template is not a valid format string: {err}") from None
+        if not fields or not all(f.isidentifier() for f in fields):
+            raise ValueError("text_template must name record fields as {field} (plain names, no indexing or "
+                             f"attributes); got {self.text_template!r}")
+        return self
+
+    def text_fields(self) -> list[str]:
+        """The record fields the text is built from."""
+        return [self.text_field] if self.text_template is None else template_fields(self.text_template)
 
 
 class HubSource(_SourceBase):
@@ -36,7 +66,15 @@ class LocalSource(_SourceBase):
     paths: list[str] = Field(min_length=1, description="Glob patterns relative to the data root (training files).")
     eval_paths: list[str] = Field(default_factory=list, description="Globs of held-out files; empty = hold out "
                                                                     "data.eval.fraction of the training documents.")
-    format: Literal["jsonl", "text", "parquet"] = Field("jsonl", description="File format.")
+    format: Literal["jsonl", "text", "parquet"] = Field("jsonl", description="File format. jsonl/parquet: one "
+                                                                             "document per record; text: one "
+                                                                             "document per file (column 'text').")
+
+    @model_validator(mode="after")
+    def check_text_format(self) -> "LocalSource":
+        if self.format == "text" and self.text_fields() != ["text"]:
+            raise ValueError("format = \"text\" yields one field, 'text': leave text_field/text_template unset")
+        return self
 
 
 class BuiltinSource(_SourceBase):
@@ -44,7 +82,14 @@ class BuiltinSource(_SourceBase):
     corpus: Literal["python_stdlib", "pydoc_topics"] = Field(
         description="python_stdlib: the standard library's own .py sources (code); pydoc_topics: the "
                     "pydoc_data help topics (English technical prose).")
-    max_documents: Optional[PositiveInt] = Field(None, description="Deterministic cap on documents (sorted order).")
+    max_documents: Optional[PositiveInt] = Field(None, description="Deterministic cap on documents: this many, "
+                                                                   "evenly spaced over the sorted file/topic list.")
+
+    @model_validator(mode="after")
+    def check_plain_text(self) -> "BuiltinSource":
+        if self.text_field != "text" or self.text_template is not None:
+            raise ValueError("builtin corpora are plain text: leave text_field/text_template unset")
+        return self
 
 
 Source = Annotated[Union[HubSource, LocalSource, BuiltinSource], Field(discriminator="type")]
@@ -77,7 +122,8 @@ class CurriculumStage(Section):
 
 class EvalSpec(Section):
     fraction: float = Field(gt=0, lt=1, description="Share of each source's documents held out when it has no "
-                                                    "explicit eval split.")
+                                                    "explicit eval split (chosen by a hash of the text, so "
+                                                    "identical documents never straddle the split).")
     max_batches: PositiveInt = Field(description="Batches per source in one evaluation.")
 
 

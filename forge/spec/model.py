@@ -61,7 +61,8 @@ class TRMSpec(Section):
     step_weights: list[float] = Field(min_length=1, description="Weight of each outer step's cross-entropy loss; "
                                                                 "one per step (length t_max).")
     stateless_mode: bool = Field(True, description="Memory and recursion state start fresh for every sequence: "
-                                                   "identical inputs give identical outputs.")
+                                                   "identical inputs give identical outputs. Must be true: state "
+                                                   "carried across batches is not supported.")
     n_layers: PositiveInt = Field(2, description="Blocks in the shared refinement network f.")
     ffn_hidden: PositiveInt = Field(description="SwiGLU hidden width of the refinement network's blocks.")
 
@@ -72,6 +73,14 @@ class TRMSpec(Section):
                              f"give one weight per outer step")
         if any(w < 0 for w in self.step_weights) or not any(w > 0 for w in self.step_weights):
             raise ValueError("step_weights must be >= 0 with at least one > 0")
+        return self
+
+    @model_validator(mode="after")
+    def check_stateless(self) -> "TRMSpec":
+        if not self.stateless_mode:
+            raise ValueError("stateless_mode = false (memory state carried from one batch to the next) is not "
+                             "supported: carried state makes identical inputs give different outputs and leaks "
+                             "across sequences (lessons.md); set stateless_mode = true")
         return self
 
 

@@ -24,7 +24,9 @@ class MuonSpec(Section):
     ns_steps: PositiveInt = Field(description="Newton-Schulz iterations k (quintic coefficients).")
     use_svd: bool = Field(description="Exact orthogonalisation by SVD instead of Newton-Schulz (slow; D2 fallback).")
     scaling: MuonScaling = Field("match_adamw_rms", description="Shape-based update scaling.")
-    ns_dtype: NSDtype = Field("fp32", description="Newton-Schulz compute dtype: fp32 on CPU; bf16 allowed on CUDA.")
+    ns_dtype: NSDtype = Field("fp32", description="Newton-Schulz compute dtype (the input is normalised in fp32 "
+                                                  "first): fp32 on CPU, where bf16 is refused (~50x slower); bf16 "
+                                                  "allowed on CUDA. The SVD path always runs in fp32.")
 
 
 class GrokfastSpec(Section):
@@ -56,16 +58,20 @@ class AdamWSpec(Section):
 
 
 class LrOverride(Section):
-    match: str = Field(min_length=1, description="Parameter-name substring (e.g. 'attn.w_q').")
-    scale: PositiveFloat = Field(description="Multiplier of the group's lr for matching parameters.")
+    match: str = Field(min_length=1, description="Parameter-name substring (e.g. 'attn.q_proj'). Must match at "
+                                                 "least one trainable parameter; a parameter may match one rule.")
+    scale: PositiveFloat = Field(description="Multiplier of the group's lr (Muon or AdamW) for matching parameters.")
 
 
 class OptimSpec(Section):
-    name: OptimizerName = Field(description="muon_grokfast (Muon for 2-D hidden weights, AdamW for the rest) or "
-                                            "adamw (plain AdamW for everything: the baseline).")
+    name: OptimizerName = Field(description="muon_grokfast: Muon for 2-D hidden weights, AdamW for embeddings and "
+                                            "1-D params, Grokfast on every gradient. adamw: plain torch AdamW for "
+                                            "everything, the baseline; hidden weights keep optim.lr and "
+                                            "optim.weight_decay, [optim.muon] and [optim.grokfast] are unused.")
     lr: PositiveFloat = Field(description="Peak learning rate (Muon group; AdamW group unless adamw.lr is set).")
     weight_decay: float = Field(ge=0, description="Decoupled weight decay of the Muon group.")
-    grad_clip: PositiveFloat = Field(description="Global gradient-norm clip (max_norm), after Grokfast.")
+    grad_clip: PositiveFloat = Field(description="Global gradient-norm clip (max_norm), after Grokfast, before the "
+                                                 "update.")
     muon: MuonSpec
     grokfast: GrokfastSpec
     qk_clip: QKClipSpec

@@ -87,12 +87,16 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories by step, oldest first (not verified)."""
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)),
-                  key=lambda p: int(p.name[len(PREFIX):]))
+                  key=step_of)
 
 
 def latest_valid(root: Path) -> Path | None:
@@ -121,7 +125,11 @@ def load_checkpoint(path: Path, model) -> tuple[dict[str, Any], dict[str, Any]]:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # a weights_only refusal or a corrupt pickle: say which file
         raise CheckpointError(f"{path / 'state.pt'} cannot be loaded safely: {err}") from None
-    return state, json.loads((path / "meta.json").read_text())
+    return state, read_meta(path)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())
 
 
 def prune(root: Path, keep_last_n: int) -> list[Path]:

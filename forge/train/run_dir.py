@@ -6,6 +6,7 @@ process writes it.
     environment.json python/torch/package versions, device, git commit + dirty flag, seed, argv
     checklist.json   the before-first-run checklist result
     metrics.jsonl    one JSON object per logging step (always written locally)
+    warnings.jsonl   during-training checklist warnings
     status.json      running | finished | failed (with the error) | interrupted
     checkpoints/     step-NNNNNNN/ directories (see forge.train.checkpoint)
 """
@@ -126,6 +127,17 @@ class RunDir:
     def status(self) -> dict | None:
         path = self.path / "status.json"
         return read_json(path) if path.is_file() else None
+
+    def append_warning(self, warning: dict[str, Any]) -> None:
+        """During-training checklist warnings, one JSON object per line (warnings.jsonl)."""
+        with open(self.path / "warnings.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(warning) + "\n")
+
+    def warnings(self) -> list[dict[str, Any]]:
+        path = self.path / "warnings.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def write(self, name: str, obj: Any) -> None:
         if isinstance(obj, str):

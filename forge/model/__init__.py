@@ -1,0 +1,11 @@
+"""The Phase 1 (Cognate) model: Titans-MAG backbone, long-term memory, MAG gate, TRM recursion, ACT halting.
+
+    model = build_model(spec.model, spec.objective)
+    out = model(idx, targets, act_loss_weight=w, halt=False, return_logits=False)   # ModelOutput
+"""
+from forge.model.attention import Attention, attention_modules
+from forge.model.build import COMPONENTS, build_model, count_parameters
+from forge.model.model import IGNORE_INDEX, CognateModel, ModelOutput
+
+__all__ = ["Attention", "CognateModel", "COMPONENTS", "IGNORE_INDEX", "ModelOutput", "attention_modules",
+           "build_model", "count_parameters"]

@@ -1,0 +1,204 @@
+"""CognateModel: the Phase 1 model, built only from the [model] and [objective] spec sections.
+
+    tokens -> embedding h0 -+-> n_layers attention blocks -> y --+
+                            +-> long-term memory (LMM) ---> m --+-> MAG gate -> x
+    x -> TRM outer steps t = 0..t_max-1 -> y_t -> logits_t = lm_head(norm(y_t))   (deep supervision)
+                                        -> z_t -> halting logit (ACT)
+
+See docs/architecture.md for the whole picture and forge/model/*.py for each part.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forge.model.act import halting_loss
+from forge.model.attention import attention_modules
+from forge.model.backbone import Block
+from forge.model.gate import MAGGate
+from forge.model.memory import NeuralMemory
+from forge.model.norm import RMSNorm
+from forge.model.objective import coherence_loss, diversity_penalty, mean_pairwise_cosine
+from forge.model.rope import RopeTables, rope_tables
+from forge.model.trm import TRM
+from forge.model.window import AttentionPattern
+from forge.spec.model import ModelSpec
+from forge.spec.objective import ObjectiveSpec
+
+IGNORE_INDEX = -100   # target value of positions that carry no loss (padding)
+
+
+@dataclass
+class ModelOutput:
+    loss: Optional[torch.Tensor]          # composite training loss; None without targets
+    ce_per_step: list[torch.Tensor]       # detached CE of each outer step that ran
+    logits: Optional[torch.Tensor]        # (B, T, V) final (or, with halt, per-token chosen) logits
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)   # detached scalars
+
+
+class CognateModel(nn.Module):
+    """Titans-MAG backbone + TRM recursion + ACT halting. Set `log_attention_stats = True` on logging steps
+    to get attn/entropy and attn/sink_count (an extra dense score matrix of one sequence per attention
+    call); set `track_max_logit` on the modules of `forge.model.attention_modules(model)` for QK-clip."""
+
+    def __init__(self, spec: ModelSpec, objective: ObjectiveSpec):
+        super().__init__()
+        self.spec, self.objective = spec, objective
+        att, d = spec.attention, spec.d_model
+        pattern = AttentionPattern(att.type, att.sw_window, att.global_every, att.global_tokens)
+        self.tok_emb = nn.Embedding(spec.vocab_size, d)      # also the LM head (tied)
+        self.blocks = nn.ModuleList(Block(d, spec.n_heads, spec.ffn_hidden, pattern, spec.norm_eps)
+                                    for _ in range(spec.n_layers))
+        if spec.memory.enabled:
+            self.memory = NeuralMemory(d, spec.memory, spec.norm_eps)
+            self.gate = MAGGate(d, spec.gate.hidden, spec.norm_eps)
+        else:
+            self.backbone_norm = RMSNorm(d, spec.norm_eps)
+        self.trm = TRM(d, spec.n_heads, spec.trm, spec.act, pattern, spec.norm_eps) if spec.trm.enabled else None
+        self.head_norm = RMSNorm(d, spec.norm_eps)
+        self.n_steps = spec.trm.t_max if spec.trm.enabled else 1
+        # the TRM's step weights; without TRM the single decode has weight 1
+        self.step_weights = list(spec.trm.step_weights) if spec.trm.enabled else [1.0]
+        self.log_attention_stats = False
+        self._attention = attention_modules(self)
+        for p in self.parameters():          # every matrix (and the embedding) ~ N(0, init_std)
+            if p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=spec.init_std)
+
+    # ------------------------------------------------------------------------------------------ parts
+    def rope(self, seq_len: int, device) -> RopeTables:
+        return rope_tables(seq_len, self.spec.d_model // self.spec.n_heads, self.spec.attention.rope_theta, device)
+
+    def encode(self, idx: torch.Tensor, rope: RopeTables):
+        """Backbone: tokens (B, T) -> x (B, T, d), its metrics, and the gate entropy (None without memory)."""
+        h0 = self.tok_emb(idx)
+        y = h0
+        for block in self.blocks:
+            y = block(y, rope)
+        if not self.spec.memory.enabled:
+            return self.backbone_norm(y), {}, None
+        m, metrics = self.memory(h0)             # the memory reads the input, in parallel with attention
+        x, g, gate_entropy = self.gate(y, m)
+        usage = g.detach().mean()
+        metrics.update({"gate/entropy": gate_entropy.detach(), "gate/y_usage": usage, "gate/m_usage": 1 - usage})
+        return x, metrics, gate_entropy
+
+    def outer_steps(self, x: torch.Tensor, rope: RopeTables) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(y_t, z_t) per outer step; without TRM one step (x, None)."""
+        if self.trm is None:
+            yield x, None
+        else:
+            yield from self.trm.steps(x, rope)
+
+    def lm_head(self, y: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.head_norm(y), self.tok_emb.weight)
+
+    def step_logits(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every outer step (analysis and tests; keeps t_max full-vocabulary tensors alive)."""
+        rope = self.rope(idx.shape[1], idx.device)
+        x = self.encode(idx, rope)[0]
+        return [self.lm_head(y) for y, _ in self.outer_steps(x, rope)]
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, act_loss_weight: float = 0.0,
+                halt: bool = False, return_logits: bool = False) -> ModelOutput:
+        """idx, targets (B, T) long (targets may hold IGNORE_INDEX). halt=True (evaluation): each token uses
+        the first outer step whose halting probability exceeds act.halt_thresh (else the last), and the
+        remaining steps are skipped once every token has halted."""
+        B, T = idx.shape
+        attn_entropy_reg = targets is not None and self.objective.attention_entropy > 0
+        for attn in self._attention:
+            attn.stats, attn.entropies = None, []      # max_logit accumulates until QK-clip consumes it
+            attn.collect_stats, attn.entropy_grad = self.log_attention_stats, attn_entropy_reg
+        rope = self.rope(T, idx.device)
+        x, metrics, gate_entropy = self.encode(idx, rope)
+        metrics["embedding_diversity"] = 1 - mean_pairwise_cosine(x.detach().flatten(0, 1))
+
+        last, keep_logits = self.n_steps - 1, return_logits or targets is None
+        if targets is not None:
+            valid = targets != IGNORE_INDEX
+            n_valid = valid.sum().clamp_min(1)
+        halted = torch.zeros(B, T, dtype=torch.bool, device=idx.device)
+        used_step = torch.full((B, T), last, dtype=torch.long, device=idx.device)
+        out_logits = out_ce = None
+        weighted_ce, ce_per_step, accuracy, act_terms = [], [], [], []
+        for t, (y, z) in enumerate(self.outer_steps(x, rope)):
+            logits = self.lm_head(y)
+            if z is None:
+                stop = torch.ones_like(halted)
+            else:
+                halt_logits = self.trm.act(z)
+                halt_prob = torch.sigmoid(halt_logits.detach())
+                metrics[f"act/halt_prob_step{t}"] = halt_prob.mean()
+                stop = (halt_prob > self.spec.act.halt_thresh) | (t == last)
+            newly = stop & ~halted
+            used_step = torch.where(newly, t, used_step)
+            halted = halted | newly
+            take = newly if halt else torch.full_like(halted, t == last)   # whose output this step provides
+            if targets is not None:
+                ce_tokens = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                            reduction="none").view(B, T)
+                ce = ce_tokens.sum() / n_valid
+                weighted_ce.append(self.step_weights[t] * ce)
+                ce_per_step.append(ce.detach())
+                correct = (logits.detach().argmax(-1) == targets) & valid
+                accuracy.append(correct.sum() / n_valid)
+                if z is not None:
+                    act_terms.append(halting_loss(halt_logits, correct, valid))
+                out_ce = ce_tokens.detach() if out_ce is None else torch.where(take, ce_tokens.detach(), out_ce)
+            if keep_logits and (halt or t == last):
+                out_logits = logits if out_logits is None else torch.where(take[..., None], logits, out_logits)
+            del logits                           # only the chosen logits stay alive (autograd keeps its own)
+            if halt and bool(halted.all()):
+                break
+
+        if self.trm is not None:
+            metrics["act/avg_steps"] = (used_step + 1).float().mean()
+            if self.training and len(accuracy) == self.n_steps:
+                self.trm.act.update_ema(torch.stack(accuracy))
+            for t in range(self.n_steps):
+                metrics[f"act/ema_acc_step{t}"] = self.trm.act.ema_acc[t].detach().clone()
+        metrics.update(self._attention_metrics())
+        loss = None
+        if targets is not None:
+            loss = self._composite_loss(x, weighted_ce, gate_entropy, act_terms, act_loss_weight, metrics)
+            metrics["loss/ce"] = out_ce.sum() / n_valid
+            for t, (ce, acc) in enumerate(zip(ce_per_step, accuracy)):
+                metrics[f"loss/step_{t}"], metrics[f"accuracy/step_{t}"] = ce, acc
+        return ModelOutput(loss, ce_per_step, out_logits if keep_logits else None, metrics)
+
+    def _composite_loss(self, x, weighted_ce, gate_entropy, act_terms, act_loss_weight, metrics) -> torch.Tensor:
+        """next_token * sum_t w_t CE_t + coherence + diversity - entropy_reg * H(gate) + act_loss_weight * BCE
+        - attention_entropy * H(attention); each term also logged."""
+        obj = self.objective
+        coherence = coherence_loss(x, obj.coherence_temperature)
+        diversity = diversity_penalty(x)
+        loss = obj.next_token * sum(weighted_ce) + obj.sequence_coherence * coherence + obj.diversity * diversity
+        metrics["loss/coherence"], metrics["loss/diversity"] = coherence.detach(), diversity.detach()
+        if gate_entropy is not None:
+            loss = loss - self.spec.gate.entropy_reg * gate_entropy
+        if act_terms:   # added even at weight 0 (warmup): every parameter then has a gradient, as DDP wants
+            act_loss = torch.stack(act_terms).mean()
+            metrics["loss/act"] = act_loss.detach()
+            loss = loss + act_loss_weight * act_loss
+        if obj.attention_entropy > 0:
+            attn_entropy = torch.stack([e for a in self._attention for e in a.entropies]).mean()
+            metrics["loss/attn_entropy"] = attn_entropy.detach()
+            loss = loss - obj.attention_entropy * attn_entropy
+        metrics["loss/total"] = loss.detach()
+        return loss
+
+    def _attention_metrics(self) -> dict[str, torch.Tensor]:
+        out = {}
+        stats = [a.stats for a in self._attention if a.stats is not None]
+        if stats:
+            out["attn/entropy"] = torch.stack([s["entropy"] for s in stats]).mean()
+            out["attn/sink_count"] = torch.stack([s["sink_heads"] for s in stats]).sum()
+        tracked = [a.max_logit for a in self._attention if a.max_logit is not None]
+        if tracked:
+            out["attn/logit_max"] = torch.stack([m.max() for m in tracked]).max()
+        return out

@@ -1,0 +1,48 @@
+"""build_optimizer(spec.optim, model): route the parameters, then build Muon, AdamW and Grokfast from the spec."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from forge.errors import ForgeError
+from forge.optim.grokfast import GrokfastFilter
+from forge.optim.muon import Muon
+from forge.optim.optimizer import MuonGrokfast
+from forge.optim.routing import GroupPlan, route_parameters
+from forge.spec.optim import OptimSpec
+
+
+def build_optimizer(spec: OptimSpec, model: nn.Module) -> MuonGrokfast:
+    """The optimizer of a run, every number from [optim].
+
+    optim.name = "muon_grokfast": Muon for hidden matrices, AdamW for the rest, Grokfast on every
+    gradient when [optim.grokfast] enabled. optim.name = "adamw": torch AdamW for everything, no Muon,
+    no Grokfast (the baseline). kl_coefficient / ste_mode are later phases' and change nothing here.
+    """
+    plans = route_parameters(spec, model)
+    muon_plans = [g for g in plans if g.kind == "muon"]
+    adamw_plans = [g for g in plans if g.kind == "adamw"]
+    if spec.muon.ns_dtype == "bf16" and any(p.device.type == "cpu" for g in muon_plans for p in g.params):
+        raise ForgeError("optim.muon.ns_dtype = 'bf16' is for CUDA: bf16 matmuls on CPU are ~50x slower than "
+                         "fp32; set [optim.muon] ns_dtype = \"fp32\"")
+    muon = None
+    if muon_plans:
+        m = spec.muon
+        muon = Muon([_torch_group(g) for g in muon_plans], lr=spec.lr, weight_decay=spec.weight_decay, beta=m.beta,
+                    nesterov=m.nesterov, ns_steps=m.ns_steps, use_svd=m.use_svd, scaling=m.scaling,
+                    ns_dtype=m.ns_dtype)
+    adamw = None
+    if adamw_plans:
+        a = spec.adamw
+        adamw = torch.optim.AdamW([_torch_group(g) for g in adamw_plans], lr=spec.lr, betas=tuple(a.betas),
+                                  eps=a.eps, weight_decay=a.weight_decay, foreach=True)
+    grokfast = None
+    if spec.name == "muon_grokfast" and spec.grokfast.enabled:
+        params = [p for g in muon_plans + adamw_plans for p in g.params]
+        grokfast = GrokfastFilter(params, spec.grokfast.alpha, spec.grokfast.lam)
+    return MuonGrokfast(muon, adamw, grokfast, spec.grad_clip)
+
+
+def _torch_group(plan: GroupPlan) -> dict:
+    return {"params": plan.params, "name": plan.name, "lr": plan.lr, "base_lr": plan.lr,
+            "weight_decay": plan.weight_decay}

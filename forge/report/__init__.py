@@ -1,0 +1,1 @@
+"""forge report: reads a run directory, renders the success criteria and curves."""

@@ -1,0 +1,120 @@
+"""forge report: the success-criteria table with terminal sparklines, PNG plots in the run directory,
+an optional self-contained HTML page, and side-by-side comparison of runs."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from forge.report.criteria import PLOTS, RunRecord, success_criteria
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "n/a": "dim"}
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    if not values:
+        return ""
+    if len(values) > width:  # average into `width` buckets
+        size = len(values) / width
+        buckets = [values[int(i * size):max(int((i + 1) * size), int(i * size) + 1)] for i in range(width)]
+        values = [sum(b) / len(b) for b in buckets]
+    lo, hi = min(values), max(values)
+    span = hi - lo or 1.0
+    return "".join(BLOCKS[min(len(BLOCKS) - 1, int((v - lo) / span * (len(BLOCKS) - 1)))] for v in values)
+
+
+def write_plots(rec: RunRecord) -> list[Path]:
+    """One PNG per plot family in <run>/plots/; families with no data are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = rec.run.path / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+    for name, (title, metrics_of) in PLOTS.items():
+        series = {m: rec.series(m) for m in metrics_of(rec)}
+        series = {m: s for m, s in series.items() if s}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+        for metric, points in series.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=metric, marker="o" if len(points) < 12 else None, markersize=3)
+        ax.set_title(f"{rec.run.run_id}: {title}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def render_terminal(rec: RunRecord, plots: list[Path]) -> None:
+    from rich.table import Table
+
+    from forge.ui import console
+
+    out = console()
+    st = rec.status
+    out.print(f"[bold]report of {rec.run.run_id}[/]  status {st.get('status')}  step {st.get('step')}  "
+              f"spec {rec.spec['run']['name']}")
+    table = Table(title="success criteria", title_justify="left")
+    for col in ("criterion", "measured", "target", "status", "note"):
+        table.add_column(col, justify="right" if col == "measured" else "left")
+    for c in success_criteria(rec):
+        table.add_row(c.name, c.shown(), c.target, f"[{STYLE[c.status]}]{c.status}[/]", c.note)
+    out.print(table)
+    curves = Table(title="curves", title_justify="left", show_header=True)
+    for col in ("metric", "first", "last", "trend"):
+        curves.add_column(col)
+    for metric in ("loss/total", "valid/bits_per_byte", "act/avg_steps", "gate/y_usage", "optim/grad_norm",
+                   "perf/tokens_per_sec"):
+        values = rec.values(metric)
+        if values:
+            curves.add_row(metric, f"{values[0]:.4g}", f"{values[-1]:.4g}", sparkline(values))
+    out.print(curves)
+    if plots:
+        out.print(f"[dim]plots: {', '.join(str(p) for p in plots)}[/]")
+
+
+def render_comparison(recs: list[RunRecord]) -> None:
+    from rich.table import Table
+
+    from forge.ui import console
+
+    table = Table(title="success criteria, side by side", title_justify="left")
+    table.add_column("criterion")
+    for rec in recs:
+        table.add_column(rec.run.run_id, justify="right")
+    rows = [success_criteria(rec) for rec in recs]
+    for i, first in enumerate(rows[0]):
+        table.add_row(first.name, *[f"[{STYLE[r[i].status]}]{r[i].shown()}[/]" for r in rows])
+    console().print(table)
+
+
+def write_html(rec: RunRecord, plots: list[Path]) -> Path:
+    """One self-contained page (images inlined) next to the run's records."""
+    rows = "".join(f"<tr><td>{html.escape(c.name)}</td><td class=num>{html.escape(c.shown())}</td>"
+                   f"<td>{html.escape(c.target)}</td><td class={c.status.replace('/', '')}>{c.status}</td>"
+                   f"<td>{html.escape(c.note)}</td></tr>" for c in success_criteria(rec))
+    images = "".join(f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
+                     f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{p.stem}</figcaption></figure>'
+                     for p in plots)
+    st = rec.status
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>forge report {html.escape(rec.run.run_id)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}.num{{text-align:right}}.pass{{color:#080}}.warn{{color:#b80}}
+.fail{{color:#c00;font-weight:bold}}.na{{color:#888}}figure{{display:inline-block;margin:8px}}img{{max-width:520px}}</style>
+</head><body><h1>forge report: {html.escape(rec.run.run_id)}</h1>
+<p>status <b>{html.escape(str(st.get('status')))}</b> at step {st.get('step')} &middot; spec {html.escape(rec.spec['run']['name'])}</p>
+<h2>Success criteria</h2><table><tr><th>criterion</th><th>measured</th><th>target</th><th>status</th><th>note</th></tr>{rows}</table>
+<h2>Curves</h2>{images}</body></html>"""
+    path = rec.run.path / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

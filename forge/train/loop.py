@@ -1,0 +1,207 @@
+"""The training loop: step, log, evaluate, checkpoint, watch, stop cleanly.
+
+One optimizer step:
+    for each of grad_accum micro-batches: forward (deep supervision + composite objective; ACT loss
+        weight 0 before act.warmup_steps) -> backward of loss / grad_accum
+    optimizer.step(): non-finite check -> Grokfast -> clip -> Muon/AdamW   (forge.optim)
+    qk_clip(model) -> heads clipped                                       (after the update)
+    schedule.step(): the lr of the next step
+A non-finite gradient skips the update (counted: optim/nonfinite_count); max_nonfinite_in_a_row of
+them stop the run as failed. SIGINT/SIGTERM finish the current step, write a checkpoint and mark
+the run interrupted.
+"""
+from __future__ import annotations
+
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from forge.spec.load import ResolvedSpec
+from forge.train import checkpoint as ckpt
+from forge.train.components import Components, rng_state, set_rng_state
+from forge.train.evaluate import evaluate, merge_preview
+from forge.train.live import LiveView
+from forge.train.metrics_log import MetricsLog
+from forge.train.monitors import MonitorSet
+from forge.train.perf import FlopCounter, matmul_peak_flops
+from forge.train.run_dir import RunDir
+
+
+@dataclass
+class Counters:
+    step: int = 0                 # optimizer steps completed (applied or skipped)
+    tokens: int = 0               # training tokens consumed
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+    qk_clip_total: int = 0
+
+
+class Trainer:
+    def __init__(self, resolved: ResolvedSpec, run: RunDir, parts: Components, live: LiveView,
+                 log: MetricsLog, monitors: MonitorSet):
+        self.spec = resolved.spec
+        self.spec_hash = resolved.hash
+        self.run, self.parts, self.live, self.log, self.monitors = run, parts, live, log, monitors
+        self.counters = Counters()
+        self.stop_reason: str | None = None
+        self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "window_tokens": 0, "window_time": 0.0}
+        self._flops_per_token: float | None = None
+        from forge.optim import attention_modules
+
+        self._n_heads = max(1, sum(m.n_heads for m in attention_modules(parts.model)))
+        self._peak_flops: float | None = None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"counters": vars(self.counters).copy(), "optimizer": self.parts.optimizer.state_dict(),
+                "schedule": self.parts.schedule.state_dict(), "data": self.parts.loader.state_dict(),
+                "rng": rng_state()}
+
+    def save(self) -> None:
+        step = self.counters.step
+        meta = {"run_id": self.run.run_id, "spec_hash": self.spec_hash}
+        ckpt.save_checkpoint(self.run.checkpoints, step, self.parts.model, self.state_dict(), meta)
+        ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
+
+    def restore(self, path) -> None:
+        state, meta = ckpt.load_checkpoint(path, self.parts.model)
+        self.parts.optimizer.load_state_dict(state["optimizer"])
+        self.parts.schedule.load_state_dict(state["schedule"])
+        self.parts.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.counters = Counters(**state["counters"])
+
+    # ------------------------------------------------------------------------------ one step
+    def act_loss_weight(self, step: int) -> float:
+        act = self.spec.model.act
+        return act.loss_weight if step >= act.warmup_steps else 0.0
+
+    def train_step(self, collect: bool, count_flops: bool = False) -> dict[str, Any]:
+        from forge.optim import qk_clip
+
+        model, opt = self.parts.model, self.parts.optimizer
+        step = self.counters.step
+        t0 = time.perf_counter()
+        micro_batches = self.parts.loader.micro_batches(step)
+        t_data = time.perf_counter() - t0
+        model.train()
+        model.log_attention_stats = collect   # attn/entropy, attn/sink_count: logging steps only (F1)
+        sums: dict[str, torch.Tensor] = {}
+        n_tokens = 0
+        flops = FlopCounter(enabled=count_flops)
+        with self._autocast(), flops:
+            for idx, targets in micro_batches:
+                idx, targets = idx.to(self.parts.device), targets.to(self.parts.device)
+                out = model(idx, targets, act_loss_weight=self.act_loss_weight(step))
+                (out.loss / len(micro_batches)).backward()
+                n_tokens += targets.numel()
+                if collect:
+                    for k, v in out.metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+        if count_flops:
+            self._flops_per_token = flops.total / n_tokens
+        norm = opt.step(collect_metrics=collect)
+        finite = bool(torch.isfinite(norm))
+        clipped = qk_clip(model, self.spec.optim.qk_clip) if finite else 0
+        opt.zero_grad(set_to_none=True)
+        self.parts.schedule.step()
+        c = self.counters
+        c.step += 1
+        c.tokens += n_tokens
+        c.qk_clip_total += clipped
+        c.nonfinite_total += 0 if finite else 1
+        c.nonfinite_in_a_row = 0 if finite else c.nonfinite_in_a_row + 1
+        elapsed = time.perf_counter() - t0
+        self._timing["train"] += elapsed
+        self._timing["data"] += t_data
+        self._timing["window_tokens"] += n_tokens
+        self._timing["window_time"] += elapsed
+        if not collect:
+            return {}
+        metrics = {k: v / len(micro_batches) for k, v in sums.items()}
+        metrics.update(opt.metrics())
+        metrics.update({"optim/qk_clip_count": clipped, "optim/qk_clip_fraction": clipped / self._n_heads,
+                        "optim/nonfinite_count": c.nonfinite_total,
+                        "perf/step_time": elapsed, "perf/data_time": t_data})
+        return metrics
+
+    def _autocast(self):
+        if self.parts.device.type == "cuda" and self.spec.train.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    # ------------------------------------------------------------------------------ logging
+    def perf_metrics(self) -> dict[str, float]:
+        t = self._timing
+        out = {"perf/tokens_per_sec": t["window_tokens"] / max(t["window_time"], 1e-9),
+               "perf/peak_memory_gb": self._peak_memory_gb(),
+               "perf/logging_fraction": t["logging"] / max(t["train"], 1e-9),
+               "perf/data_fraction": t["data"] / max(t["train"], 1e-9),
+               "config/param_count": float(sum(p.numel() for p in self.parts.model.parameters()))}
+        if self._flops_per_token and self._peak_flops:
+            out["perf/mfu"] = out["perf/tokens_per_sec"] * self._flops_per_token / self._peak_flops
+        t["window_tokens"], t["window_time"] = 0, 0.0
+        return out
+
+    def _peak_memory_gb(self) -> float:
+        if self.parts.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.parts.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        values = {k: float(v) for k, v in metrics.items()}
+        step = self.counters.step
+        self.log.log(step, values)
+        for w in self.monitors.observe({"step": step, **values}):
+            self.live.warn(f"[{w.id}] {w.title}: {w.measured} (step {w.step})")
+            self.run.append_warning({"step": w.step, "id": w.id, "title": w.title, "measured": w.measured})
+        self.live.step(step, values)
+        self._timing["logging"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------ the loop
+    def run_until(self, stop_at: int) -> str:
+        """Train until step `stop_at`; returns the final status (finished | interrupted | failed)."""
+        spec = self.spec
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._peak_flops = matmul_peak_flops(self.parts.device)
+            while self.counters.step < stop_at:
+                step = self.counters.step + 1  # the step about to complete
+                collect = step % spec.logging.every == 0 or step == stop_at
+                metrics = self.train_step(collect, count_flops=self._flops_per_token is None)
+                if self.counters.nonfinite_in_a_row >= spec.train.max_nonfinite_in_a_row:
+                    self.stop_reason = (f"{self.counters.nonfinite_in_a_row} consecutive non-finite losses/gradients "
+                                        f"at step {step}; run `forge diagnose {self.run.run_id}`")
+                    self.record({**metrics, "optim/nonfinite_count": self.counters.nonfinite_total})
+                    return "failed"
+                if step % spec.train.eval_every == 0 or step == stop_at:
+                    metrics.update(evaluate(self.parts.model, self.parts.data, self.parts.device))
+                if spec.merge_preview.enabled and step % spec.merge_preview.every == 0:
+                    metrics.update(merge_preview(self.parts.model, self.parts.data, self.parts.device,
+                                                 self.run.checkpoints, spec.merge_preview, spec.checkpoint.every))
+                if metrics:
+                    self.record({**metrics, **self.perf_metrics()} if collect else metrics)
+                else:
+                    self.live.step(step)
+                if step % spec.checkpoint.every == 0 or step == stop_at:
+                    self.save()
+                if self.stop_reason is not None:
+                    if step % spec.checkpoint.every and step != stop_at:
+                        self.save()
+                    return "interrupted"
+            return "finished"
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_reason is not None:  # a second Ctrl-C: stop now, the last checkpoint stays valid
+            raise KeyboardInterrupt
+        self.stop_reason = f"stopped by {signal.Signals(signum).name}"
+        self.live.note(f"{signal.Signals(signum).name}: finishing step {self.counters.step + 1}, "
+                       "then writing a checkpoint (again to stop at once)")

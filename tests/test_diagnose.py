@@ -82,8 +82,7 @@ def test_healthy_runs_produce_no_finding(seed):
 
 PATHOLOGIES = {
     "D1-grokfast-over-amplification": dict(
-        records=lambda h: with_(h, optim__grad_ema_ratio=lambda i: 3.0,
-                                loss__total=lambda i: 4 + (0.8 if i % 2 else -0.8))),
+        records=lambda h: with_(h, optim__grad_ema_ratio=lambda i: 3.0)),
     "D2-newton-schulz-divergence": dict(records=lambda h: with_(h, optim__ortho_error=lambda i: 2.5)),
     "A2-data-quality-flat-loss": dict(records=lambda h: with_(h, loss__total=lambda i: 5.0 + 0.001 * (i % 3))),
     "C2-recursion-instability": dict(records=lambda h: with_(h, loss__step_2=lambda i: 9.0)),

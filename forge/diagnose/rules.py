@@ -142,9 +142,15 @@ def load_rules(path: Path) -> list[Rule]:
 
 
 def spec_value(spec: dict, dotted: str) -> Any:
+    """The value at a dotted key; None for an optional key the spec leaves unset."""
     node: Any = spec
     for part in dotted.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
     return node
 
 

@@ -6,8 +6,8 @@ Parameters come from the real model built from the spec (forge.model); gradients
 tensors, so every optimizer does exactly the same work. The cases run interleaved (one step of each per
 round) so that background load hits them alike; after 2 warm-up rounds, --steps timed rounds give the
 median (and min) per case. "NS share" = the time of orthogonalising the same Muon matrices alone over
-the MuonGrokfast step time. Setting the gradients (a copy, same in every case) is timed separately and
-subtracted. Writes benchmarks/results/optim.json.
+the MuonGrokfast step time; "NS GFLOP/s" = its matmul rate. Setting the gradients (a copy, the same in
+every case) is timed separately and subtracted. Writes benchmarks/results/optim.json.
 """
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ from forge.spec.load import load_spec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optim.json"
 WARMUP_ROUNDS = 2
+
+
+def newton_schulz_flops(shapes: list[torch.Size], k: int) -> int:
+    """Matmul FLOPs of k quintic iterations: per iteration X X^T, A A, (bA + cA^2) X on the wide orientation."""
+    total = 0
+    for rows, cols in shapes:
+        m, n = min(rows, cols), max(rows, cols)
+        total += k * (4 * m * m * n + 2 * m ** 3)
+    return total
 
 
 def interleaved(cases: dict, rounds: int) -> dict[str, list[float]]:
@@ -83,7 +92,9 @@ def main() -> None:
         row = {"step_s": step_s, "min_step_s": min(times[name]) - copy_s, "vs_adamw": step_s / base}
         if name.startswith("Muon"):
             ns_s = median[name.replace("MuonGrokfast", "Newton-Schulz")]
-            row.update(newton_schulz_s=ns_s, newton_schulz_share=ns_s / step_s)
+            flops = newton_schulz_flops([g.shape for g in muon_grads], int(name[-1]))
+            row.update(newton_schulz_s=ns_s, newton_schulz_share=ns_s / step_s,
+                       newton_schulz_gflops=flops / ns_s / 1e9)
         rows[name] = row
 
     result = {
@@ -98,13 +109,14 @@ def main() -> None:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['params_total']:,} parameters ({result['params_muon']:,} in {len(muon_grads)} Muon matrices); "
           f"{result['machine']}; median of {args.steps} interleaved steps")
-    print("| optimizer | step (ms) | min (ms) | vs AdamW | Newton-Schulz (ms) | NS share |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| optimizer | step (ms) | min (ms) | vs AdamW | Newton-Schulz (ms) | NS share | NS GFLOP/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, row in rows.items():
         ns_ms = f"{row['newton_schulz_s'] * 1e3:.0f}" if "newton_schulz_s" in row else ""
         share = f"{row['newton_schulz_share']:.0%}" if "newton_schulz_share" in row else ""
+        rate = f"{row['newton_schulz_gflops']:.0f}" if "newton_schulz_gflops" in row else ""
         print(f"| {name} | {row['step_s'] * 1e3:.0f} | {row['min_step_s'] * 1e3:.0f} | {row['vs_adamw']:.1f}x | "
-              f"{ns_ms} | {share} |")
+              f"{ns_ms} | {share} | {rate} |")
     print(f"wrote {RESULTS}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def corpus() -> torch.Tensor:
         lines = (root / "tinystories" / "train_sample.jsonl").read_text().splitlines()[:200]
         text = "\n".join(json.loads(line)["text"] for line in lines)
     else:
-        text = open(json.__file__.replace("__init__.py", "decoder.py")).read() * 4
+        text = Path(json.__file__).with_name("decoder.py").read_text() * 4
     return torch.tensor(list(text.encode()), dtype=torch.long)
 
 
@@ -104,18 +105,16 @@ def test_audit_catches_an_untied_vocab_head_in_muon():
 
 
 def test_routing_on_the_real_model():
-    model_pkg = pytest.importorskip("forge.model")
-    if not hasattr(model_pkg, "build_model"):
-        pytest.skip("forge.model.build_model not built yet")
+    from forge.model import build_model
+
     spec = load_spec(SPECS / "phase1.toml").spec
-    model = model_pkg.build_model(spec.model, spec.objective, device="meta")
+    model = build_model(spec.model, spec.objective, device="meta")
     problems, table = audit_routing(spec.optim, model, spec.model.vocab_size)
     assert problems == []
     assert table["muon"]["elements"] + table["adamw"]["elements"] == sum(p.numel() for p in model.parameters())
 
 
 def test_optim_routing_check_reports_group_counts():
-    pytest.importorskip("forge.model")
     from forge.checklist.context import CheckContext
     from forge.checklist.registry import lookup
 
@@ -125,15 +124,16 @@ def test_optim_routing_check_reports_group_counts():
     assert f"{outcome.data['muon']['tensors']} tensors" in outcome.measured
 
 
-def test_lr_overrides_split_groups_and_apply_their_lr():
-    spec = with_overrides(optim_spec("optim.name=adamw", "optim.weight_decay=0.0", NO_CLIP), lr_overrides=[{"match": "up.", "scale": 0.5}])
+def test_lr_overrides_split_groups_and_apply_their_lr(data):
+    spec = with_overrides(optim_spec("optim.name=adamw", "optim.weight_decay=0.0", NO_CLIP),
+                          lr_overrides=[{"match": "up.", "scale": 0.5}])
     model = TinyLM()
     opt = build_optimizer(spec, model)
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"adamw_matrices", "adamw_matrices:up.", "adamw", "adamw:up."}
     assert groups["adamw:up."]["params"] == [model.up.bias]
     before = model.up.weight.detach().clone(), model.down.weight.detach().clone()
-    loss_of(model, *batch(corpus(), 64, torch.Generator().manual_seed(0))).backward()
+    loss_of(model, *batch(data, 64, torch.Generator().manual_seed(0))).backward()
     opt.step()
     # Adam's first step moves every weight by lr * g / (|g| + eps): exactly the applied lr where g != 0
     up_step = (model.up.weight.detach() - before[0]).abs().max().item()

@@ -1,16 +1,16 @@
 """QK-clip (techniques.md section 5; lessons: the public implementation stored tau and never read it).
 
-Every test runs on two attention layers that follow the protocol: a small reference written here and,
-when it exists, the real forge.model.attention.Attention (sliding window, RoPE)."""
+Every test runs on two attention layers that follow the protocol: a small reference written here and
+the real forge.model.attention.Attention (sliding window, RoPE)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import SPECS
 from forge.optim import attention_modules, qk_clip, set_max_logit_tracking
 from forge.spec.optim import QKClipSpec
 
@@ -52,11 +52,12 @@ class ReferenceAttention(nn.Module):
 
 
 def real_attention() -> nn.Module:
-    attention = pytest.importorskip("forge.model.attention")
-    window = pytest.importorskip("forge.model.window")
-    rope = pytest.importorskip("forge.model.rope")
-    layer = attention.Attention(D_MODEL, N_HEADS, window.AttentionPattern("sliding_window", 8, 16, 64))
-    tables = rope.rope_tables(SEQ, HEAD_DIM, 10000.0)
+    from forge.model.attention import Attention
+    from forge.model.rope import rope_tables
+    from forge.model.window import AttentionPattern
+
+    layer = Attention(D_MODEL, N_HEADS, AttentionPattern("sliding_window", 8, 16, 64))
+    tables = rope_tables(SEQ, HEAD_DIM, 10000.0)
 
     class Wrapped(nn.Module):  # the model passes the RoPE tables; here they are fixed
         def __init__(self):
@@ -192,14 +193,13 @@ def test_counts_heads_across_layers():
 
 
 def test_discovery_finds_every_attention_of_the_real_model():
-    model_pkg = pytest.importorskip("forge.model")
-    if not hasattr(model_pkg, "build_model"):
-        pytest.skip("forge.model.build_model not built yet")
+    from forge.model import attention_modules as model_attention_modules, build_model
     from forge.spec.load import load_spec
-    s = load_spec(Path(__file__).resolve().parents[1] / "specs" / "tiny.toml").spec
-    model = model_pkg.build_model(s.model, s.objective, device="meta")
+
+    s = load_spec(SPECS / "tiny.toml").spec
+    model = build_model(s.model, s.objective, device="meta")
     found = attention_modules(model)
-    assert found and found == model_pkg.attention_modules(model)
+    assert len(found) == s.model.n_layers + s.model.trm.n_layers and found == model_attention_modules(model)
 
 
 def _clip_on_rank(rank: int, world: int, store: str, out: str) -> None:

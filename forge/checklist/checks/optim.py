@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from forge.checklist.context import CheckContext
-from forge.checklist.registry import Outcome, failed, passed, register, skipped
+from forge.checklist.registry import Outcome, failed, passed, register
 
 
 @register("optim_routing")
@@ -10,10 +10,6 @@ def optim_routing(ctx: CheckContext) -> Outcome:
     """G2 optimizer config reuse: on the real model (meta device) and the real optimizer groups, every
     trainable parameter is in exactly one group; 1-D parameters, the embedding and the tied LM head are
     in AdamW with optim.adamw.weight_decay; hidden matrices in Muon with optim.weight_decay."""
-    import importlib.util
-
-    if importlib.util.find_spec("forge.model") is None:
-        return skipped("needs the Phase 1 model (forge.model, issue #3)")
     from forge.model import build_model
     from forge.optim.audit import audit_routing
 
@@ -22,8 +18,8 @@ def optim_routing(ctx: CheckContext) -> Outcome:
     problems, table = audit_routing(spec.optim, model, spec.model.vocab_size)
     measured = ", ".join(f"{name}: {row['tensors']} tensors / {row['elements']:,} params"
                          for name, row in table.items())
-    expected = "each parameter in one group; 1-D + embedding -> AdamW; hidden matrices -> " + \
-               ("Muon" if spec.optim.name == "muon_grokfast" else "AdamW")
+    matrices_to = "Muon" if spec.optim.name == "muon_grokfast" else "AdamW"
+    expected = f"each parameter in one group; 1-D + embedding -> AdamW; hidden matrices -> {matrices_to}"
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         return failed(measured, expected, "; ".join(problems[:5]) + more, data=table)

@@ -53,15 +53,22 @@ def test_transpose_equivariance():
 
 def test_ortho_error_falls_from_k3_to_k5():
     g = controlled(48, 96, 1e-2)
-    errors = [ortho_error(newton_schulz(g, k)).item() for k in (3, 4, 5)]
-    assert errors[0] > errors[1] > errors[2], errors
+    errors = [ortho_error(newton_schulz(g, k), g).item() for k in (1, 3, 4, 5)]
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+    assert errors[0] > 0.5 and errors[3] < 0.35  # the D2 rule's threshold (0.5) separates k=1 from k>=3
+
+
+def test_ortho_error_reads_the_signal_subspace_only():
+    # a rank-8 input: the 40 zero directions cannot be orthogonalised and must not count
+    g = controlled(48, 96, 1e-1)[:, :8] @ torch.randn(8, 96, generator=torch.Generator().manual_seed(2))
+    assert ortho_error(orthogonalize_svd(g), g) < 1e-4
 
 
 def test_svd_gives_exact_unit_singular_values():
     for g in (torch.randn(40, 72), controlled(72, 40, 1e-3)):
         s = svals(orthogonalize_svd(g))
         torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
-        assert ortho_error(orthogonalize_svd(g)) < 1e-4
+        assert ortho_error(orthogonalize_svd(g), g) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -70,13 +70,13 @@ class Muon(torch.optim.Optimizer):
             for p, u in zip(params, updates):
                 o = orthogonalize(u, group["ns_steps"], group["use_svd"], DTYPES[group["ns_dtype"]])
                 if index in keep:
-                    sampled.append(o)
+                    sampled.append((o, u))
                 index += 1
                 p.add_(o, alpha=-group["lr"] * update_scale(p.size(0), p.size(1), group["scaling"]))
         if not sampled:
             return {}
-        return {"optim/ortho_error": torch.stack([ortho_error(o) for o in sampled]).mean(),
-                "optim/effective_rank": torch.stack([effective_rank_fraction(o) for o in sampled]).mean()}
+        return {"optim/ortho_error": torch.stack([ortho_error(o, u) for o, u in sampled]).mean(),
+                "optim/effective_rank": torch.stack([effective_rank_fraction(o) for o, _ in sampled]).mean()}
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]

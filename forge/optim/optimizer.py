@@ -71,9 +71,10 @@ class MuonGrokfast:
             self.grokfast.apply_()
             grad_norm = torch.nn.utils.get_total_norm(grads)
             if collect_metrics:
-                ema_norm = self.grokfast.ema_norm()
-                metrics["optim/grad_ema_norm"] = ema_norm
-                metrics["optim/grad_ema_ratio"] = ema_norm / raw_norm
+                # design band 1.0-1.5: how much the filter g + lam * g_ema amplifies the raw gradient
+                # (lam 0.3 with an aligned EMA gives ~1.3; far above 1.5 the slow component dominates, D1)
+                metrics["optim/grad_ema_norm"] = self.grokfast.ema_norm()
+                metrics["optim/grad_ema_ratio"] = grad_norm / raw_norm
         metrics["optim/grad_norm"] = grad_norm
         torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
         if self.muon is not None:

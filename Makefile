@@ -1,5 +1,5 @@
 # The two entry points of the README. Each sets up its own virtual environment on a fresh machine.
-#   make demo   check + (once training exists) train the tiny spec on the built-in corpus, offline
+#   make demo   check + train (a few minutes) + report of the tiny spec on the built-in corpus, offline
 #   make test   the whole test suite (what CI runs)
 VENV   ?= .venv
 PYTHON ?= python3
@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: $(STAMP)
 	$(VENV)/bin/forge check specs/tiny.toml
+	$(VENV)/bin/forge train specs/tiny.toml --run-id $(DEMO_RUN)
+	$(VENV)/bin/forge report $(DEMO_RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -90,6 +90,25 @@ def test_gradient_reaches_every_parameter_that_should_learn():
     assert model.memory.init_left.grad.abs().sum() > 0 and model.trm.act.weight.grad.abs().sum() > 0
 
 
+def test_state_gradient_norms_are_recorded_on_request_only():
+    model = small_model().train()
+    idx, targets = batch(B=2, T=32)
+    model(idx, targets).loss.backward()
+    assert model.trm.pop_state_grad_norms() == {}          # off by default: no hooks, no cost
+    model.trm.track_state_grads = True
+    model(idx, targets).loss.backward()
+    norms = model.trm.pop_state_grad_norms()
+    assert set(norms) == {"grad/norm_y", "grad/norm_z"} and all(v > 0 for v in norms.values())
+    assert model.trm.pop_state_grad_norms() == {}          # consumed
+    # the last step's answer gets gradient from its own CE only: zero its weight and y's norm falls
+    model.zero_grad()
+    no_last = small_model("model.trm.step_weights=[1.0, 1.0, 0.0]").train()
+    no_last.load_state_dict(model.state_dict())
+    no_last.trm.track_state_grads = True
+    no_last(idx, targets).loss.backward()
+    assert no_last.trm.pop_state_grad_norms()["grad/norm_y"] < norms["grad/norm_y"]
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_cuts_the_gradient_between_outer_steps(detach):
     """With detach on, the loss of step 1 sends no gradient into step 0's outputs; with it off, it does."""

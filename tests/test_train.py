@@ -22,7 +22,8 @@ from forge.train.run_dir import RunDir
 # short runs: log every 2 steps, evaluate/checkpoint every 4, one eval batch per source
 FAST = ["train.eval_every=4", "logging.every=2", "checkpoint.every=4", "merge_preview.every=8",
         "data.eval.max_batches=1", "logging.wandb.mode=disabled"]
-FAMILIES = ("loss/", "act/", "gate/", "optim/", "attn/", "memory/", "valid/", "perf/tokens_per_sec",
+FAMILIES = ("loss/", "act/", "gate/", "optim/", "attn/", "memory/", "valid/", "grad/norm_y", "grad/norm_z",
+            "perf/tokens_per_sec",
             "perf/step_time", "perf/peak_memory_gb", "perf/mfu", "config/param_count", "merge/")
 
 

@@ -48,6 +48,19 @@ class TRM(nn.Module):
         self.t_max, self.micro_steps, self.detach = spec.t_max, spec.micro_steps, spec.detach_between_steps
         self.net = Refiner(d_model, n_heads, spec, pattern, norm_eps)
         self.act = HaltingHead(d_model, spec.t_max, act.ema_teacher)
+        self.track_state_grads = False   # logging steps only: hooks on y_t, z_t record their gradient norms
+        self._state_grads: dict[str, list[torch.Tensor]] = {"y": [], "z": []}
+
+    def _record(self, name: str, state: torch.Tensor) -> None:
+        if self.track_state_grads and state.requires_grad:
+            state.register_hook(lambda g: self._state_grads[name].append(g.detach().norm()))
+
+    def pop_state_grad_norms(self) -> dict[str, torch.Tensor]:
+        """grad/norm_y, grad/norm_z: mean gradient norm of the loss w.r.t. each outer step's answer y_t and
+        latent z_t since the last call (read after backward). C2: vanishing or exploding recursion."""
+        out = {f"grad/norm_{k}": torch.stack(v).mean() for k, v in self._state_grads.items() if v}
+        self._state_grads = {"y": [], "z": []}
+        return out
 
     def steps(self, x: torch.Tensor, rope: RopeTables) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (y_t, z_t) after each outer step; stop consuming to skip the remaining steps."""
@@ -58,4 +71,6 @@ class TRM(nn.Module):
             for _ in range(self.micro_steps):
                 z = self.net(x + y + z, rope)
             y = self.net(y + z, rope)
+            self._record("y", y)
+            self._record("z", z)
             yield y, z

@@ -90,6 +90,8 @@ class Trainer:
         t_data = time.perf_counter() - t0
         model.train()
         model.log_attention_stats = collect   # attn/entropy, attn/sink_count: logging steps only (F1)
+        if model.trm is not None:
+            model.trm.track_state_grads = collect  # grad/norm_y, grad/norm_z
         sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
         flops = FlopCounter(enabled=count_flops)
@@ -104,6 +106,7 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
         if count_flops:
             self._flops_per_token = flops.total / n_tokens
+        state_grads = model.trm.pop_state_grad_norms() if model.trm is not None else {}
         norm = opt.step(collect_metrics=collect)
         finite = bool(torch.isfinite(norm))
         clipped = qk_clip(model, self.spec.optim.qk_clip) if finite else 0
@@ -123,6 +126,7 @@ class Trainer:
         if not collect:
             return {}
         metrics = {k: v / len(micro_batches) for k, v in sums.items()}
+        metrics.update(state_grads)
         metrics.update(opt.metrics())
         metrics.update({"optim/qk_clip_count": clipped, "optim/qk_clip_fraction": clipped / self._n_heads,
                         "optim/nonfinite_count": c.nonfinite_total,

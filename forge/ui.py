@@ -151,7 +151,7 @@ def render_diagnosis(result, written=None) -> None:
         for k, sug in enumerate(f.suggestions, 1):
             diff = ", ".join(f"{c.key}: {c.before!r} -> {c.after!r}" for c in sug.changes)
             lines.append(f"remedy {k}: [bold]{_escape(diff)}[/]  [dim]({_escape(sug.rationale)})[/]")
-        out.print(Panel("\n".join(lines), title=f"{n}. [{f.rule.problem}] {f.rule.id}: {_escape(f.rule.title)}",
+        out.print(Panel("\n".join(lines), title=f"{n}. {_escape(f'[{f.rule.problem}]')} {f.rule.id}: {_escape(f.rule.title)}",
                         subtitle=f"confidence {f.confidence:.2f}", title_align="left"))
     if written is not None:
         out.print(f"[green]wrote {written.spec_path}[/] (patch record {written.path}); "

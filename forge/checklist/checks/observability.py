@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from forge.checklist.context import CheckContext
-from forge.checklist.registry import Outcome, failed, passed, pending, register
+from forge.checklist.registry import Outcome, failed, passed, register
 
 
 @register("wandb_ready")
@@ -38,4 +38,36 @@ def _netrc_has_wandb() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-pending("metric_families", "needs forge train (issue #6): the metric stream of a real step")
+@register("metric_families")
+def metric_families(ctx: CheckContext, families: list[str]) -> Outcome:
+    """One real optimizer step of the model and optimizer built from the spec, on a short random batch,
+    with logging on: the metric families the design's monitors read are emitted, with finite values."""
+    import math
+
+    import torch
+
+    from forge.model import build_model
+    from forge.optim import build_optimizer, qk_clip, set_max_logit_tracking
+
+    spec = ctx.spec
+    generator = torch.Generator().manual_seed(spec.run.seed)
+    T = min(spec.data.seq_len, 2 * spec.model.memory.chunk_size if spec.model.memory.enabled else 64)
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.run.seed)
+        model = build_model(spec.model, spec.objective)
+    set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
+    optimizer = build_optimizer(spec.optim, model)
+    idx = torch.randint(0, spec.model.vocab_size, (2, T + 1), generator=generator)
+    model.log_attention_stats = True
+    out = model(idx[:, :-1], idx[:, 1:], act_loss_weight=spec.model.act.loss_weight)
+    out.loss.backward()
+    optimizer.step(collect_metrics=True)
+    qk_clip(model, spec.optim.qk_clip)
+    metrics = {**out.metrics, **optimizer.metrics()}
+    missing = [f for f in families if not any(k.startswith(f) for k in metrics)]
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+    measured = f"{len(metrics)} metrics: " + ", ".join(f"{f} {sum(k.startswith(f) for k in metrics)}" for f in families)
+    if missing or bad:
+        return failed(measured, f"families {', '.join(families)}, finite",
+                      f"missing: {', '.join(missing) or 'none'}; non-finite: {', '.join(bad) or 'none'}")
+    return passed(measured, f"families {', '.join(families)}, finite", f"one real step at batch 2 x {T}")

@@ -38,8 +38,8 @@ def lineage(resolved: ResolvedSpec, force: bool) -> dict:
             "overrides": list(resolved.overrides), "forced": force}
 
 
-def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: bool, data_dir: Path,
-          on_refused=None) -> tuple[LaunchResult | None, ResolvedSpec, RunDir | None]:
+def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: bool,
+          data_dir: Path) -> tuple[LaunchResult | None, ResolvedSpec, RunDir | None]:
     """Validate and gate a new run; create its directory. Returns (refusal, resolved, run dir)."""
     resolved = load_spec(spec_path, overrides)
     result = run_checklist(resolved, data_dir=data_dir)

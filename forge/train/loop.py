@@ -66,6 +66,7 @@ class Trainer:
         meta = {"run_id": self.run.run_id, "spec_hash": self.spec_hash}
         ckpt.save_checkpoint(self.run.checkpoints, step, self.parts.model, self.state_dict(), meta)
         ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
+        self.run.set_status("running", step=step)  # forge runs shows progress between checkpoints
 
     def restore(self, path) -> None:
         state, meta = ckpt.load_checkpoint(path, self.parts.model)

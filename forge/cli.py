@@ -96,6 +96,31 @@ def runs(output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Dir
         ui.render_runs(rows, output_dir)
 
 
+@app.command("merge-preview")
+def merge_preview(run_id: str = typer.Argument(..., help="Run id."),
+                  step_a: int = typer.Option(..., "--a", help="Step of the first checkpoint."),
+                  step_b: int = typer.Option(..., "--b", help="Step of the second checkpoint."),
+                  method: str = typer.Option("slerp", "--method", help="slerp or linear."),
+                  t: float = typer.Option(0.5, "--t", min=0.0, max=1.0, help="Interpolation factor towards --b."),
+                  output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
+                  data_dir: Optional[Path] = DataDirOption,
+                  as_json: bool = JsonOption) -> None:
+    """Merge two checkpoints of a run (Phase 2 preview) and compare perplexities on its held-out data."""
+    from forge.checklist.context import default_data_dir
+    from forge.errors import ForgeError
+    from forge.train.evaluate import merge_checkpoints
+    from forge.train.run_dir import RunDir
+
+    if method not in ("slerp", "linear"):
+        raise ForgeError(f"--method must be slerp or linear (got {method!r})")
+    run = RunDir.open(output_dir, run_id)
+    scores = merge_checkpoints(run.path, step_a, step_b, method, t, data_dir or default_data_dir())
+    if as_json:
+        ui.print_json(scores)
+    else:
+        ui.render_merge(run_id, step_a, step_b, method, t, scores)
+
+
 @app.command()
 def diagnose(run_id: str = typer.Argument(..., help="Run id (a directory under --output-dir)."),
              output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),

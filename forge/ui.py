@@ -158,3 +158,12 @@ def render_diagnosis(result, written=None) -> None:
                   f"next: forge train {written.spec_path}")
     else:
         out.print("[dim]dry run: add --apply to write the top remedy as a patched spec[/]")
+
+
+def render_merge(run_id: str, step_a: int, step_b: int, method: str, t: float, scores: dict) -> None:
+    out = console()
+    fitness = scores["merge/fitness"]
+    style = "green" if fitness >= 1 else "yellow" if fitness >= 0.8 else "bold red"
+    out.print(f"{run_id}: {method} merge of step {step_a} and step {step_b} (t = {t})")
+    out.print(f"  parents' mean perplexity {scores['merge/parent_perplexity']:.4g}, merged {scores['merge/perplexity']:.4g}"
+              f"  -> fitness [{style}]{fitness:.3f}[/] (>= 1: the merge is no worse than its parents)")

@@ -207,3 +207,15 @@ def test_runs_lists_the_run(run_cli, tmp_path):
     (row,) = json.loads(out)
     assert code == 0 and row["run_id"] == "r" and row["status"] == "finished" and row["step"] == 4
     assert row["spec"] == "tiny.toml" and row["valid_perplexity"] > 1 and row["loss"] > 0
+
+
+def test_merge_preview_of_two_checkpoints(run_cli, tmp_path):
+    assert train(run_cli, tmp_path, "--max-steps", "8", "--run-id", "m")[0] == 0
+    code, out, err = run_cli("merge-preview", "m", "--a", "4", "--b", "8", "--json", cwd=tmp_path)
+    assert code == 0, err
+    scores = json.loads(out)
+    assert scores["merge/fitness"] > 0 and scores["merge/perplexity"] > 1
+    code, out, _ = run_cli("merge-preview", "m", "--a", "8", "--b", "8", "--json", cwd=tmp_path)
+    assert json.loads(out)["merge/fitness"] == pytest.approx(1.0, rel=1e-6)  # merging a model with itself
+    code, _, err = run_cli("merge-preview", "m", "--a", "3", "--b", "8", cwd=tmp_path)
+    assert code == 2 and "step 3" in err and "kept steps: 4, 8" in err

@@ -82,27 +82,58 @@ def perplexity(model, data, device) -> float:
         model.train(was_training)
 
 
-def merge_preview(model, data, device, checkpoints: Path, spec, every: int) -> dict[str, Any]:
-    """SLERP/linear-merge the current weights with the newest regular checkpoint (a multiple of
-    checkpoint.every: not an extra one written by a stop, so a resumed run merges with the same
-    parent as an uninterrupted one) and evaluate the result.
+def score_merge(model_a, model_b, data, device, method: str, t: float) -> dict[str, float]:
+    """Merge b into a (SLERP or linear, factor t) and compare perplexities.
 
     merge/fitness = mean(perplexity of the two parents) / perplexity of the merge: above 1 the merge
     beats its parents on average (weights stay mergeable, G1); far below 1 they have drifted apart.
     """
+    merged = copy.deepcopy(model_a)
+    merged.load_state_dict(merge_state_dicts(model_a.state_dict(), model_b.state_dict(), method, t))
+    ppl_a, ppl_b = perplexity(model_a, data, device), perplexity(model_b, data, device)
+    ppl_merged = perplexity(merged, data, device)
+    return {"merge/perplexity": ppl_merged, "merge/parent_perplexity": (ppl_a + ppl_b) / 2,
+            "merge/fitness": (ppl_a + ppl_b) / 2 / ppl_merged}
+
+
+def _with_weights(model, path: Path):
     from safetensors.torch import load_model
 
+    copy_ = copy.deepcopy(model)
+    load_model(copy_, str(path / "model.safetensors"))
+    return copy_
+
+
+def merge_preview(model, data, device, checkpoints: Path, spec, every: int) -> dict[str, Any]:
+    """During training: merge the current weights with the newest regular checkpoint (a multiple of
+    checkpoint.every: not an extra one written by a stop, so a resumed run merges with the same parent
+    as an uninterrupted one) and score the merge (score_merge)."""
     regular = [p for p in ckpt.list_checkpoints(checkpoints) if ckpt.step_of(p) % every == 0
                and ckpt.verify(p) is None]
     if not regular:
         return {}
-    previous = regular[-1]
-    parent = copy.deepcopy(model)
-    load_model(parent, str(previous / "model.safetensors"))
-    merged = copy.deepcopy(model)
-    merged.load_state_dict(merge_state_dicts(model.state_dict(), parent.state_dict(), spec.method, spec.t))
-    ppl_current, ppl_parent = perplexity(model, data, device), perplexity(parent, data, device)
-    ppl_merged = perplexity(merged, data, device)
-    return {"merge/perplexity": ppl_merged, "merge/parent_perplexity": (ppl_current + ppl_parent) / 2,
-            "merge/fitness": (ppl_current + ppl_parent) / 2 / ppl_merged,
-            "merge/parent_step": float(ckpt.step_of(previous))}
+    out = score_merge(model, _with_weights(model, regular[-1]), data, device, spec.method, spec.t)
+    return {**out, "merge/parent_step": float(ckpt.step_of(regular[-1]))}
+
+
+def merge_checkpoints(run_path: Path, step_a: int, step_b: int, method: str, t: float,
+                      data_dir: Path) -> dict[str, float]:
+    """`forge merge-preview`: merge two checkpoints of a run and score the merge on its held-out data."""
+    from forge.data import build_data
+    from forge.errors import ForgeError
+    from forge.model import build_model
+    from forge.spec.load import load_spec
+
+    spec = load_spec(run_path / "spec.toml").spec
+    paths = []
+    for step in (step_a, step_b):
+        path = run_path / "checkpoints" / ckpt.step_dir_name(step)
+        problem = ckpt.verify(path) if path.is_dir() else "no such checkpoint"
+        if problem:
+            kept = ", ".join(str(ckpt.step_of(p)) for p in ckpt.list_checkpoints(run_path / "checkpoints"))
+            raise ForgeError(f"checkpoint at step {step} of {run_path.name}: {problem} (kept steps: {kept or 'none'})")
+        paths.append(path)
+    model = build_model(spec.model, spec.objective)
+    data = build_data(spec.data, vocab_size=spec.model.vocab_size, seed=spec.run.seed, data_dir=data_dir)
+    device = torch.device("cpu")
+    return score_merge(_with_weights(model, paths[0]), _with_weights(model, paths[1]), data, device, method, t)

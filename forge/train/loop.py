@@ -48,7 +48,9 @@ class Trainer:
         self.run, self.parts, self.live, self.log, self.monitors = run, parts, live, log, monitors
         self.counters = Counters()
         self.stop_reason: str | None = None
-        self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "window_tokens": 0, "window_time": 0.0}
+        # "logged"/"plain": summed time and count of steps with and without metric collection (F1)
+        self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "window_tokens": 0, "window_time": 0.0,
+                        "logged": [0.0, 0], "plain": [0.0, 0]}
         self._flops_per_token: float | None = None
         from forge.optim import attention_modules
 
@@ -124,6 +126,10 @@ class Trainer:
         self._timing["data"] += t_data
         self._timing["window_tokens"] += n_tokens
         self._timing["window_time"] += elapsed
+        if not count_flops:  # the FLOP-counted first step is slower for reasons of its own
+            kind = self._timing["logged" if collect else "plain"]
+            kind[0] += elapsed
+            kind[1] += 1
         if not collect:
             return {}
         metrics = {k: v / len(micro_batches) for k, v in sums.items()}
@@ -144,13 +150,22 @@ class Trainer:
         t = self._timing
         out = {"perf/tokens_per_sec": t["window_tokens"] / max(t["window_time"], 1e-9),
                "perf/peak_memory_gb": self._peak_memory_gb(),
-               "perf/logging_fraction": t["logging"] / max(t["train"], 1e-9),
+               "perf/logging_fraction": self._logging_fraction(),
                "perf/data_fraction": t["data"] / max(t["train"], 1e-9),
                "config/param_count": float(sum(p.numel() for p in self.parts.model.parameters()))}
         if self._flops_per_token and self._peak_flops:
             out["perf/mfu"] = out["perf/tokens_per_sec"] * self._flops_per_token / self._peak_flops
         t["window_tokens"], t["window_time"] = 0, 0.0
         return out
+
+    def _logging_fraction(self) -> float:
+        """Share of training time that logging costs (F1): the extra time of logging steps over plain
+        steps (metric collection: attention statistics, optimizer diagnostics, state-gradient hooks),
+        plus writing records (JSONL, W&B, monitors, live view), over all training time so far."""
+        t = self._timing
+        (logged, n_logged), (plain, n_plain) = t["logged"], t["plain"]
+        extra = max(0.0, logged - n_logged * plain / n_plain) if n_plain else 0.0
+        return (extra + t["logging"]) / max(t["train"], 1e-9)
 
     def _peak_memory_gb(self) -> float:
         if self.parts.device.type == "cuda":

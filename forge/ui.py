@@ -121,8 +121,16 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+def _verdicts(result) -> dict[str, list[str]]:
+    """Every problem entry of the debugging tree -> the rules that fired for it ([] = fine)."""
+    from forge.diagnose.rules import PROBLEMS
+
+    return {p: [f.rule.id for f in result.findings if f.rule.problem == p] for p in PROBLEMS}
+
+
 def diagnosis_json(result, written=None) -> dict:
     return {"run_id": result.run_id, "healthy": result.healthy, "status": result.status,
+            "verdicts": _verdicts(result),
             "steps_logged": result.steps_logged,
             "findings": [{"rule": f.rule.id, "problem": f.rule.problem, "title": f.rule.title,
                           "confidence": f.confidence, "evidence": [str(e) for e in f.evidence],
@@ -142,6 +150,8 @@ def render_diagnosis(result, written=None) -> None:
     if result.warnings:
         out.print(f"[yellow]{len(result.warnings)} during-training warnings[/]: "
                   + ", ".join(sorted({w['id'] for w in result.warnings})))
+    out.print("  ".join(f"{p}: " + ("[green]ok[/]" if not ids else f"[bold red]{', '.join(ids)}[/]")
+                        for p, ids in _verdicts(result).items()))
     if result.healthy:
         out.print("[bold green]healthy[/]: no rule of the debugging tree fired")
         return

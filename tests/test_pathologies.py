@@ -67,6 +67,7 @@ def test_pathology_is_diagnosed_patched_and_cured(run_cli, tmp_path, rule_id):
 
     report = _diagnose(run_cli, tmp_path, "sick")
     assert not report["healthy"]
+    assert rule_id in [r for ids in report["verdicts"].values() for r in ids]
     assert report["findings"][0]["rule"] == rule_id, [(f["rule"], f["confidence"]) for f in report["findings"]]
 
     applied = _diagnose(run_cli, tmp_path, "sick", "--apply")

@@ -15,18 +15,17 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from common import interleaved
 from forge.model import build_model
 from forge.optim import build_optimizer
 from forge.optim.newton_schulz import DTYPES, orthogonalize
 from forge.spec.load import load_spec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optim.json"
-WARMUP_ROUNDS = 2
 
 
 def newton_schulz_flops(shapes: list[torch.Size], k: int) -> int:
@@ -38,23 +37,15 @@ def newton_schulz_flops(shapes: list[torch.Size], k: int) -> int:
     return total
 
 
-def interleaved(cases: dict, rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(WARMUP_ROUNDS + rounds):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            if r >= WARMUP_ROUNDS:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="specs/phase1.toml")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="specs/tiny.toml, 2 steps, writes optim_quick.json")
     args = parser.parse_args()
+    if args.quick:
+        args.spec, args.steps = "specs/tiny.toml", 2
     torch.set_num_threads(args.threads)
 
     resolved = load_spec(args.spec)
@@ -105,8 +96,9 @@ def main() -> None:
         "params_total": sum(p.numel() for p in params), "params_muon": sum(g.numel() for g in muon_grads),
         "muon_matrices": len(muon_grads), "grad_copy_s": copy_s, "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS.with_name("optim_quick.json") if args.quick else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['params_total']:,} parameters ({result['params_muon']:,} in {len(muon_grads)} Muon matrices); "
           f"{result['machine']}; median of {args.steps} interleaved steps")
     print("| optimizer | step (ms) | min (ms) | vs AdamW | Newton-Schulz (ms) | NS share | NS GFLOP/s |")
@@ -117,7 +109,7 @@ def main() -> None:
         rate = f"{row['newton_schulz_gflops']:.0f}" if "newton_schulz_gflops" in row else ""
         print(f"| {name} | {row['step_s'] * 1e3:.0f} | {row['min_step_s'] * 1e3:.0f} | {row['vs_adamw']:.1f}x | "
               f"{ns_ms} | {share} | {rate} |")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Shared machinery of the benchmark scripts: thread setup, the machine line, interleaved timing, results.
+
+Every script writes benchmarks/results/<name>.json holding its figures, the exact command that produced
+them and the machine; BENCHMARKS.md quotes those. Scripts run from the repository root:
+
+    .venv/bin/python benchmarks/<script>.py [--quick]
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WARMUP_ROUNDS = 2
+
+
+def setup_threads(threads: int) -> None:
+    """Throughput figures use torch.set_num_threads(threads) (2 = every core of the project's CPU)."""
+    torch.set_num_threads(threads)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line naming the hardware the figures come from (the GPU's name when one is used)."""
+    line = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+    if torch.cuda.is_available():
+        line += f", GPU {torch.cuda.get_device_name(0)}"
+    return line
+
+
+def command() -> str:
+    """The command line that is running, as one would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return shlex.join([".venv/bin/python", str(script), *sys.argv[1:]])
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int,
+                warmup: int = WARMUP_ROUNDS) -> dict[str, list[float]]:
+    """Wall time of each case over `rounds` rounds, one call of every case per round (after `warmup` untimed
+    rounds), so that background load on a shared machine hits every case alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(warmup + rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "n": len(seconds)}
+
+
+def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>.json with the command and the machine in front of the figures."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    load = dict(zip(("1min", "5min", "15min"), os.getloadavg()))   # other processes on a shared machine
+    path.write_text(json.dumps({"command": command(), "machine": machine(), "load_average": load, **result},
+                               indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table (numbers right-aligned), as pasted into BENCHMARKS.md."""
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

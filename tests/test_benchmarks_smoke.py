@@ -1,0 +1,59 @@
+"""The benchmarks' own measuring code: the analytic FLOP count, the same-size baselines, a script end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SPECS
+from forge.model import build_model
+from forge.model.build import count_parameters
+from forge.spec.load import load_spec
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_roofline import counted_flops_per_token  # noqa: E402
+from forge.model.flops import model_flops_per_token  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["tiny.toml", "tiny_baseline_local.toml"])
+def test_analytic_flops_equal_torch_counter_on_every_matmul(name):
+    # torch's counter sees every nn.Linear / bmm but not CPU SDPA: it must equal the analytic count less attention
+    spec = load_spec(SPECS / name).spec
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.objective)
+    analytic = model_flops_per_token(spec.model, 64)
+    counted = counted_flops_per_token(model, 64, 1, spec.model.vocab_size, track_max_logit=False)
+    assert counted == pytest.approx(analytic["total"] - analytic["attention"], rel=1e-3)
+    assert analytic["attention"] > 0
+
+
+def test_window_bounds_attention_flops():
+    spec = load_spec(SPECS / "tiny.toml", ["model.trm.enabled=false"]).spec   # window 64
+    per_token = [model_flops_per_token(spec.model, T)["attention"] for T in (256, 512, 1024)]
+    # beyond the window every query attends to `window` keys: per-token attention cost approaches a constant
+    assert per_token[2] / per_token[1] < 1.1
+    full = load_spec(SPECS / "tiny.toml", ["model.trm.enabled=false", "model.attention.type=full"]).spec
+    assert model_flops_per_token(full.model, 1024)["attention"] > 6 * per_token[2]
+
+
+@pytest.mark.parametrize("baseline, stack", [("baseline.toml", "phase1.toml"),
+                                             ("tiny_baseline_local.toml", "tiny_local.toml")])
+def test_baselines_are_plain_adamw_transformers_of_the_same_size(baseline, stack):
+    base, ref = load_spec(SPECS / baseline).spec, load_spec(SPECS / stack).spec
+    assert (base.model.attention.type, base.model.memory.enabled, base.model.trm.enabled, base.optim.name) == \
+        ("full", False, False, "adamw")
+    n_base = count_parameters(build_model(base.model, base.objective, "meta"))["total"]
+    n_ref = count_parameters(build_model(ref.model, ref.objective, "meta"))["total"]
+    assert abs(n_base - n_ref) / n_ref < 0.005
+
+
+def test_cli_benchmark_runs_and_writes_its_result():
+    subprocess.run([sys.executable, "benchmarks/bench_cli.py", "--quick"], cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+    result = json.loads((REPO / "benchmarks" / "results" / "cli_quick.json").read_text())
+    assert result["command"].endswith("benchmarks/bench_cli.py --quick")
+    assert result["results"]["forge --help"]["exit_code"] == 0
+    assert result["results"]["forge --help"]["median_s"] > 0

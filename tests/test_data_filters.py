@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import SPECS, shared_data_dir
+from conftest import SPECS
 from forge.data import build_data
 from forge.data.builtin import builtin_documents
 from forge.data.filters import FilterCounts, held_out_mask, length_filter, split_long, text_hash
@@ -32,10 +32,8 @@ def test_real_documents_pass_and_junk_fails():
     assert all(0.0 <= quality_score(t) <= 1.0 for t in (REPEATED, GARBAGE, PARAGRAPH, "x"))
 
 
-def test_real_shared_documents_pass():
-    root = shared_data_dir()
-    if root is None:
-        pytest.skip("real data samples not found: set FORGE_DATA_DIR or put shared/ beside the repository")
+def test_real_shared_documents_pass(data_dir):
+    root = data_dir
     failing = [(path.name, n) for path in sorted(root.glob("*/*.jsonl"))
                for n, line in enumerate(path.read_text().splitlines())
                if quality_score(json.loads(line)["text"]) <= THRESHOLD]

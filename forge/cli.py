@@ -122,6 +122,38 @@ def merge_preview(run_id: str = typer.Argument(..., help="Run id."),
 
 
 @app.command()
+def sample(run_id: str = typer.Argument(..., help="Run id."),
+           step: Optional[int] = typer.Option(None, "--step", min=0, help="Checkpoint step [default: newest valid]."),
+           prompt: str = typer.Option("", "--prompt", help="Text to continue [default: a document's start]."),
+           n: int = typer.Option(1, "--n", min=1, help="Samples."),
+           max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
+                                                    help="Tokens per sample [default: probes.sample_new_tokens]."),
+           temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0,
+                                                       help="0 = greedy [default: probes.sample_temperature]."),
+           top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="0 = whole vocabulary "
+                                                                            "[default: probes.sample_top_k]."),
+           seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same text)."),
+           full_depth: bool = typer.Option(False, "--full-depth", help="Run every TRM step (no ACT halting)."),
+           no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole prefix per token "
+                                                                   "(slow; the cached decoder gives the same text)."),
+           output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
+           as_json: bool = JsonOption) -> None:
+    """Generate text from a checkpoint of RUN_ID, with ACT halting (avg steps per token reported)."""
+    from dataclasses import asdict
+
+    from forge.probes.from_run import sample_run
+    from forge.train.run_dir import RunDir
+
+    run = RunDir.open(output_dir, run_id)
+    result = sample_run(run.path, step=step, prompt=prompt, n=n, max_tokens=max_tokens, temperature=temperature,
+                        top_k=top_k, seed=seed, full_depth=full_depth, cached=not no_cache)
+    if as_json:
+        ui.print_json(asdict(result))
+    else:
+        ui.render_samples(result)
+
+
+@app.command()
 def diagnose(run_id: str = typer.Argument(..., help="Run id (a directory under --output-dir)."),
              output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
              apply: bool = typer.Option(False, "--apply", help="Write the top remedy as a new spec that extends "

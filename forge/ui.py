@@ -177,3 +177,13 @@ def render_merge(run_id: str, step_a: int, step_b: int, method: str, t: float, s
     out.print(f"{run_id}: {method} merge of step {step_a} and step {step_b} (t = {t})")
     out.print(f"  parents' mean perplexity {scores['merge/parent_perplexity']:.4g}, merged {scores['merge/perplexity']:.4g}"
               f"  -> fitness [{style}]{fitness:.3f}[/] (>= 1: the merge is no worse than its parents)")
+
+
+def render_samples(result) -> None:
+    """forge sample: each sample under its prompt, then ACT depth and speed."""
+    out = console()
+    out.print(f"[bold]{result.run_id}[/] step {result.step}: {len(result.samples)} sample(s)")
+    for i, text in enumerate(result.samples, 1):
+        out.print(f"[dim]--- sample {i}[/]\n[cyan]{_escape(result.prompt)}[/]{_escape(text)}")
+    out.print(f"[dim]ACT: {result.avg_steps:.2f} of {result.t_max} steps per token; "
+              f"{result.tokens_per_sec:,.0f} tokens/s ({'cached' if result.cached else 'uncached'})[/]")

@@ -9,7 +9,9 @@ None (forge.optim.qk_clip after the optimizer step). It is a plain attribute, no
 synchronises it.
 
 Two more opt-in observations, off by default because they cost an explicit score matrix:
-  collect_stats  (logging steps) `stats` = {"entropy", "sink_heads"} from the batch's first sequence (E2)
+  collect_stats  (logging steps) `stats` = {"entropy", "sink_heads", "rope_norm"} from the batch's first
+                 sequence (E2; rope_norm: mean norm of the rotary keys, which QK-clip must not collapse, E1)
+  capture        (probes) every call appends those stats plus "probs" (H, T, T) to `captured` (heatmaps)
   entropy_grad   (attention-entropy regulariser on) softmax computed explicitly; each call appends its mean
                  per-query attention entropy (nats, with gradient) to `entropies`
 """
@@ -43,6 +45,8 @@ class Attention(nn.Module):
         self.max_logit: torch.Tensor | None = None
         self.collect_stats = False
         self.stats: dict[str, torch.Tensor] | None = None
+        self.capture = False
+        self.captured: list[dict[str, torch.Tensor]] = []
         self.entropy_grad = False
         self.entropies: list[torch.Tensor] = []
 
@@ -56,8 +60,12 @@ class Attention(nn.Module):
         layout = self.pattern.layout(q, k, v)
         if self.track_max_logit:
             self._record_max_logit(layout.pieces)
-        if self.collect_stats:
-            self.stats = attention_stats(q[0], k[0], self.pattern.mask(T, x.device), self._min_seen(T))
+        if self.collect_stats or self.capture:
+            stats = attention_stats(q[0], k[0], self.pattern.mask(T, x.device), self._min_seen(T))
+            if self.capture:
+                self.captured.append(stats)
+            if self.collect_stats:
+                self.stats = {k: v for k, v in stats.items() if k != "probs"}
         if self.entropy_grad:
             rows = [explicit_attention(p) for p in layout.pieces]
             out = layout.merge([o for o, _ in rows])
@@ -96,14 +104,15 @@ def explicit_attention(piece: Piece) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def attention_stats(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, min_seen: int) -> dict[str, torch.Tensor]:
-    """Entropy and attention sinks of one sequence, q and k (H, T, hd), mask (T, T): dense, O(H T^2)."""
+    """Attention probabilities (H, T, T), their entropy, the attention sinks and the mean rotary-key norm of one
+    sequence, q and k (H, T, hd) after RoPE, mask (T, T): dense, O(H T^2)."""
     probs = masked_scores(Piece(q, k, k, mask)).softmax(-1)                     # (H, T, T)
     entropy = -torch.special.xlogy(probs, probs).sum(-1).mean()
     seen = mask.sum(0)                                                          # queries that see key j
     received = probs.sum(1) / seen.clamp_min(1)                                 # mean share key j gets
     received = received.masked_fill(seen < min_seen, 0.0)
     sink_heads = (received.amax(-1) >= SINK_MASS).sum()
-    return {"entropy": entropy, "sink_heads": sink_heads.float()}
+    return {"entropy": entropy, "sink_heads": sink_heads.float(), "rope_norm": k.norm(dim=-1).mean(), "probs": probs}
 
 
 def attention_modules(model: nn.Module) -> list[Attention]:

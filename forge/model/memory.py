@@ -37,10 +37,8 @@ def memory_scan(memory0: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         qc, kc, vc = q[:, start:start + chunk_size], k[:, start:start + chunk_size], v[:, start:start + chunk_size]
         tc = theta[:, start:start + chunk_size, None]
         reads.append(qc @ memory.transpose(1, 2))                        # M q, memory of the previous chunk
-        recalled = kc @ memory.transpose(1, 2)                           # M k, (B, C, d)
+        new_memory, surprise, recalled = memory_update(memory, surprise, kc, vc, tc, decay, momentum)
         step = 2.0 / kc.shape[1]
-        grad = step * (tc * (recalled - vc)).transpose(1, 2) @ kc        # (B, d, d)
-        surprise = momentum * surprise - grad
         with torch.no_grad():
             # old content that survives: M (decay I - step sum_t theta_t k_t k_t^T), i.e. forgetting plus the
             # erasure along this chunk's keys, relative to ||M||; decay alone when nothing is written
@@ -48,9 +46,19 @@ def memory_scan(memory0: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             retention = kept.flatten(1).norm(dim=1) / memory.flatten(1).norm(dim=1).clamp_min(1e-30)
             retentions.append(retention.mean())
             update_norms.append(surprise.flatten(1).norm(dim=1).mean())
-        memory = decay * memory + surprise
+        memory = new_memory
     observed = {"update_norm": torch.stack(update_norms), "retention": torch.stack(retentions)}
     return torch.cat(reads, dim=1), memory, observed
+
+
+def memory_update(memory: torch.Tensor, surprise: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  theta: torch.Tensor, decay: float, momentum: float):
+    """One chunk's write: (M_c, S_c, M_{c-1} k) from M_{c-1}, S_{c-1} (B, d, d) and the chunk's k, v (B, C, d),
+    theta (B, C, 1); every gradient at the chunk-start memory."""
+    recalled = k @ memory.transpose(1, 2)                                # M k, (B, C, d)
+    grad = (2.0 / k.shape[1]) * (theta * (recalled - v)).transpose(1, 2) @ k   # (B, d, d)
+    surprise = momentum * surprise - grad
+    return decay * memory + surprise, surprise, recalled
 
 
 class NeuralMemory(nn.Module):
@@ -77,13 +85,18 @@ class NeuralMemory(nn.Module):
             return self.init_memory
         return self.init_left @ self.init_right
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """h (B, T, d_model) -> memory path m (B, T, d_model) and memory/* metrics."""
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token q, k (L2-normalised), v (B, T, d_mem) and step size theta (B, T) of the input h."""
         u = self.norm(h)
         q = F.normalize(self.q_proj(u), dim=-1)
         k = F.normalize(self.k_proj(u), dim=-1)
         theta = torch.sigmoid(u @ self.step_size_weight + self.step_size_bias)
-        reads, _, observed = memory_scan(self.initial_memory(), q, k, self.v_proj(u), theta,
+        return q, k, self.v_proj(u), theta
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """h (B, T, d_model) -> memory path m (B, T, d_model) and memory/* metrics."""
+        q, k, v, theta = self.project(h)
+        reads, _, observed = memory_scan(self.initial_memory(), q, k, v, theta,
                                          self.decay, self.momentum, self.chunk_size)
         metrics = {"memory/update_norm": observed["update_norm"].mean(),
                    "memory/effective_decay": observed["retention"].mean(),

@@ -24,7 +24,7 @@ from forge.model.memory import NeuralMemory
 from forge.model.norm import RMSNorm
 from forge.model.objective import coherence_loss, diversity_penalty, mean_pairwise_cosine
 from forge.model.rope import RopeTables, rope_tables
-from forge.model.trm import TRM
+from forge.model.trm import TRM, run_checkpointed
 from forge.model.window import AttentionPattern
 from forge.spec.model import ModelSpec
 from forge.spec.objective import ObjectiveSpec
@@ -38,6 +38,7 @@ class ModelOutput:
     ce_per_step: list[torch.Tensor]       # detached CE of each outer step that ran
     logits: Optional[torch.Tensor]        # (B, T, V) final (or, with halt, per-token chosen) logits
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)   # detached scalars
+    used_steps: Optional[torch.Tensor] = None   # (B, T) outer steps each token uses under the halting rule
 
 
 class CognateModel(nn.Module):
@@ -64,10 +65,18 @@ class CognateModel(nn.Module):
         # the TRM's step weights; without TRM the single decode has weight 1
         self.step_weights = list(spec.trm.step_weights) if spec.trm.enabled else [1.0]
         self.log_attention_stats = False
+        self.checkpoint_blocks = False       # gradient checkpointing of the backbone blocks (OOM mitigation)
         self._attention = attention_modules(self)
         for p in self.parameters():          # every matrix (and the embedding) ~ N(0, init_std)
             if p.dim() == 2:
                 nn.init.normal_(p, mean=0.0, std=spec.init_std)
+
+    def set_gradient_checkpointing(self, mode: str) -> None:
+        """train.gradient_checkpointing: "off", "backbone" (blocks) or "backbone_and_trm" (also every refiner
+        application). Activations inside are recomputed in the backward pass: same loss and gradients."""
+        self.checkpoint_blocks = mode in ("backbone", "backbone_and_trm")
+        if self.trm is not None:
+            self.trm.checkpoint_refiner = mode == "backbone_and_trm"
 
     # ------------------------------------------------------------------------------------------ parts
     def rope(self, seq_len: int, device) -> RopeTables:
@@ -78,7 +87,7 @@ class CognateModel(nn.Module):
         h0 = self.tok_emb(idx)
         y = h0
         for block in self.blocks:
-            y = block(y, rope)
+            y = run_checkpointed(block, y, rope) if self.checkpoint_blocks else block(y, rope)
         if not self.spec.memory.enabled:
             return self.backbone_norm(y), {}, None
         m, metrics = self.memory(h0)             # the memory reads the input, in parallel with attention
@@ -127,7 +136,8 @@ class CognateModel(nn.Module):
         out_logits = out_ce = None
         weighted_ce, ce_per_step, accuracy, act_terms = [], [], [], []
         for t, (y, z) in enumerate(self.outer_steps(x, rope)):
-            logits = self.lm_head(y)
+            # without targets and halting only the last step's logits are used: skip the others' LM head
+            logits = self.lm_head(y) if targets is not None or halt or t == last else None
             if z is None:
                 stop = torch.ones_like(halted)
             else:
@@ -158,6 +168,8 @@ class CognateModel(nn.Module):
 
         if self.trm is not None:
             metrics["act/avg_steps"] = (used_step + 1).float().mean()
+            for t in range(self.n_steps):    # the halting histogram (C1): share of tokens that stop at step t
+                metrics[f"act/halt_share_step{t}"] = (used_step == t).float().mean()
             if self.training and len(accuracy) == self.n_steps:
                 self.trm.act.update_ema(torch.stack(accuracy))
             for t in range(self.n_steps):
@@ -169,7 +181,8 @@ class CognateModel(nn.Module):
             metrics["loss/ce"] = out_ce.sum() / n_valid
             for t, (ce, acc) in enumerate(zip(ce_per_step, accuracy)):
                 metrics[f"loss/step_{t}"], metrics[f"accuracy/step_{t}"] = ce, acc
-        return ModelOutput(loss, ce_per_step, out_logits if keep_logits else None, metrics)
+        used_steps = (used_step + 1) if self.trm is not None else torch.ones_like(used_step)
+        return ModelOutput(loss, ce_per_step, out_logits if keep_logits else None, metrics, used_steps)
 
     def _composite_loss(self, x, weighted_ce, gate_entropy, act_terms, act_loss_weight, metrics) -> torch.Tensor:
         """next_token * sum_t w_t CE_t + coherence + diversity - entropy_reg * H(gate) + act_loss_weight * BCE
@@ -198,6 +211,7 @@ class CognateModel(nn.Module):
         if stats:
             out["attn/entropy"] = torch.stack([s["entropy"] for s in stats]).mean()
             out["attn/sink_count"] = torch.stack([s["sink_heads"] for s in stats]).sum()
+            out["attn/rope_norm"] = torch.stack([s["rope_norm"] for s in stats]).mean()
         tracked = [a.max_logit for a in self._attention if a.max_logit is not None]
         if tracked:
             out["attn/logit_max"] = torch.stack([m.max() for m in tracked]).max()

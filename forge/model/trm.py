@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from forge.model.act import HaltingHead
 from forge.model.backbone import Block
@@ -24,6 +25,15 @@ from forge.model.norm import RMSNorm
 from forge.model.rope import RopeTables
 from forge.model.window import AttentionPattern
 from forge.spec.model import ACTSpec, TRMSpec
+
+
+def run_checkpointed(module: nn.Module, *args):
+    """module(*args) without keeping its activations when gradients are on: they are recomputed in backward.
+    The recomputation repeats the attention modules' side effects, which are idempotent (max_logit is a running
+    max, stats are overwritten with equal values); nothing in the model draws random numbers."""
+    if not torch.is_grad_enabled():
+        return module(*args)
+    return checkpoint(module, *args, use_reentrant=False)
 
 
 class Refiner(nn.Module):
@@ -49,6 +59,7 @@ class TRM(nn.Module):
         self.net = Refiner(d_model, n_heads, spec, pattern, norm_eps)
         self.act = HaltingHead(d_model, spec.t_max, act.ema_teacher)
         self.track_state_grads = False   # logging steps only: hooks on y_t, z_t record their gradient norms
+        self.checkpoint_refiner = False  # gradient checkpointing of every application of f (OOM mitigation)
         self._state_grads: dict[str, list[torch.Tensor]] = {"y": [], "z": []}
 
     def _record(self, name: str, state: torch.Tensor) -> None:
@@ -62,6 +73,9 @@ class TRM(nn.Module):
         self._state_grads = {"y": [], "z": []}
         return out
 
+    def refine(self, u: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        return run_checkpointed(self.net, u, rope) if self.checkpoint_refiner else self.net(u, rope)
+
     def steps(self, x: torch.Tensor, rope: RopeTables) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (y_t, z_t) after each outer step; stop consuming to skip the remaining steps."""
         y, z = x, torch.zeros_like(x)
@@ -69,8 +83,8 @@ class TRM(nn.Module):
             if t > 0 and self.detach:
                 y, z = y.detach(), z.detach()
             for _ in range(self.micro_steps):
-                z = self.net(x + y + z, rope)
-            y = self.net(y + z, rope)
+                z = self.refine(x + y + z, rope)
+            y = self.refine(y + z, rope)
             self._record("y", y)
             self._record("z", z)
             yield y, z

@@ -74,16 +74,17 @@ class AttentionPattern:
             return torch.empty(0, dtype=torch.long, device=device)
         return torch.arange(0, seq_len, self.global_every, device=device)[: self.global_tokens]
 
-    def mask(self, seq_len: int, device=None) -> torch.Tensor:
-        """(T, T) bool: the pattern's definition, True where query i may attend to key j."""
-        i = torch.arange(seq_len, device=device)[:, None]
+    def mask(self, seq_len: int, device=None, start: int = 0) -> torch.Tensor:
+        """(T - start, T) bool: the pattern's definition, True where query i (rows start..T-1) may attend to
+        key j; start > 0 gives the rows of the newest queries (incremental decoding)."""
+        i = torch.arange(start, seq_len, device=device)[:, None]
         j = torch.arange(seq_len, device=device)[None, :]
         allowed = j <= i
         if self.kind != "full":
             near = j > i - self.window
             is_global = torch.zeros(seq_len, dtype=torch.bool, device=device)
             is_global[self.global_positions(seq_len, device)] = True
-            allowed &= near | is_global[None, :] | is_global[:, None]
+            allowed &= near | is_global[None, :] | is_global[start:, None]
         return allowed
 
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: bool | None = None) -> Layout:

@@ -129,4 +129,13 @@ PLOTS: dict[str, tuple[str, Callable[[RunRecord], list[str]]]] = {
     "grad_norms": ("gradient norms", lambda r: ["optim/grad_raw_norm", "optim/grad_ema_norm", "optim/grad_norm"]),
     "lr": ("learning rate", lambda r: sorted(k for k in {k for x in r.records for k in x} if k.startswith("optim/lr_"))),
     "tokens_per_sec": ("throughput (tokens/s)", lambda r: ["perf/tokens_per_sec"]),
+    "probes": ("probes: reasoning (A1), long/short range (B2), position (E1)",
+               lambda r: ["valid/reasoning_accuracy", "valid/long_range_acc", "valid/short_range_acc",
+                          "eval/position_accuracy"]),
+    "position_probe": ("position probe per distance (E1)",
+                       lambda r: sorted((k for k in {k for x in r.records for k in x}
+                                         if k.startswith("eval/position_accuracy/d")),
+                                        key=lambda k: int(k.rsplit("/d", 1)[1]))),
+    "rope_norm": ("rotary key norm (E1: QK-clip must not collapse it)", lambda r: ["attn/rope_norm",
+                                                                                 "eval/attn/rope_norm"]),
 }

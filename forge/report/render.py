@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from forge.report.criteria import PLOTS, RunRecord, success_criteria
+from forge.report.probes import halting_histogram, latest_samples, probe_rows, write_probe_plots
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "n/a": "dim"}
@@ -52,7 +53,7 @@ def write_plots(rec: RunRecord) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
-    return written
+    return written + write_probe_plots(rec, out_dir)
 
 
 def render_terminal(rec: RunRecord, plots: list[Path]) -> None:
@@ -79,8 +80,36 @@ def render_terminal(rec: RunRecord, plots: list[Path]) -> None:
         if values:
             curves.add_row(metric, f"{values[0]:.4g}", f"{values[-1]:.4g}", sparkline(values))
     out.print(curves)
+    _render_probes(out, rec)
     if plots:
         out.print(f"[dim]plots: {', '.join(str(p) for p in plots)}[/]")
+
+
+def _render_probes(out, rec: RunRecord) -> None:
+    """Probe metrics, the ACT histogram as bars, and the samples of the last evaluation."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = probe_rows(rec)
+    if rows:
+        table = Table(title="probes (at evaluations)", title_justify="left")
+        for col in ("metric", "detects", "first", "last", "trend"):
+            table.add_column(col)
+        for metric, why, values in rows:
+            table.add_row(metric, why, f"{values[0]:.4g}", f"{values[-1]:.4g}", sparkline(values))
+        out.print(table)
+    hist = halting_histogram(rec)
+    if hist is not None:
+        step, shares = hist
+        out.print(f"[bold]ACT halting histogram[/] (held-out tokens, step {step})")
+        for t, share in enumerate(shares):
+            out.print(f"  {t + 1} step{'s' if t else ' '} {'█' * round(40 * share):<40} {share:6.1%}")
+    step, samples = latest_samples(rec)
+    if samples:
+        out.print(f"[bold]samples at step {step}[/] (prompt in cyan)")
+        for s in samples:
+            out.print(f"[dim]{escape(s['source'])}, {s['avg_steps']:.2f} steps/token:[/] "
+                      f"[cyan]{escape(s['prompt'])}[/]{escape(s['completion'])}")
 
 
 def render_comparison(recs: list[RunRecord]) -> None:
@@ -106,15 +135,24 @@ def write_html(rec: RunRecord, plots: list[Path]) -> Path:
     images = "".join(f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
                      f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{p.stem}</figcaption></figure>'
                      for p in plots)
+    probe_table = "".join(f"<tr><td>{html.escape(m)}</td><td>{html.escape(why)}</td><td class=num>{v[0]:.4g}</td>"
+                          f"<td class=num>{v[-1]:.4g}</td></tr>" for m, why, v in probe_rows(rec))
+    sample_step, samples = latest_samples(rec)
+    sample_html = "".join(f"<p><b>{html.escape(s['source'])}</b> ({s['avg_steps']:.2f} steps/token)</p>"
+                          f"<pre><span class=prompt>{html.escape(s['prompt'])}</span>{html.escape(s['completion'])}</pre>"
+                          for s in samples)
     st = rec.status
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>forge report {html.escape(rec.run.run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px}}.num{{text-align:right}}.pass{{color:#080}}.warn{{color:#b80}}
-.fail{{color:#c00;font-weight:bold}}.na{{color:#888}}figure{{display:inline-block;margin:8px}}img{{max-width:520px}}</style>
+.fail{{color:#c00;font-weight:bold}}.na{{color:#888}}figure{{display:inline-block;margin:8px}}img{{max-width:520px}}
+pre{{white-space:pre-wrap;background:#f6f6f6;padding:6px}}.prompt{{color:#06c}}</style>
 </head><body><h1>forge report: {html.escape(rec.run.run_id)}</h1>
 <p>status <b>{html.escape(str(st.get('status')))}</b> at step {st.get('step')} &middot; spec {html.escape(rec.spec['run']['name'])}</p>
 <h2>Success criteria</h2><table><tr><th>criterion</th><th>measured</th><th>target</th><th>status</th><th>note</th></tr>{rows}</table>
-<h2>Curves</h2>{images}</body></html>"""
+<h2>Probes</h2><table><tr><th>metric</th><th>detects</th><th>first</th><th>last</th></tr>{probe_table}</table>
+<h2>Samples{f" at step {sample_step}" if sample_step is not None else ""}</h2>{sample_html or "<p>none</p>"}
+<h2>Curves, ACT histogram, attention heatmaps</h2>{images}</body></html>"""
     path = rec.run.path / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

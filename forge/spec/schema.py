@@ -12,6 +12,7 @@ from forge.spec.data import DataSpec
 from forge.spec.model import ModelSpec
 from forge.spec.objective import ObjectiveSpec
 from forge.spec.optim import OptimSpec
+from forge.spec.probes import ProbesSpec
 from forge.spec.run import RunSpec
 from forge.spec.training import CheckpointSpec, LoggingSpec, MergePreviewSpec, TrainSpec
 
@@ -28,6 +29,7 @@ class Spec(Section):
     checkpoint: CheckpointSpec
     logging: LoggingSpec
     merge_preview: MergePreviewSpec
+    probes: ProbesSpec
 
     @model_validator(mode="after")
     def check_cross_section(self) -> "Spec":
@@ -42,6 +44,13 @@ class Spec(Section):
         if self.model.memory.enabled and any(n % self.model.memory.chunk_size for n in lengths):
             raise ValueError(f"every sequence length ({lengths}) must be a multiple of "
                              f"model.memory.chunk_size ({self.model.memory.chunk_size})")
+        probes, names = self.probes, [s.name for s in data.sources]
+        unknown = [n for n in probes.reasoning_sources if n not in names]
+        if unknown:
+            raise ValueError(f"probes.reasoning_sources names unknown sources {unknown} (sources: {', '.join(names)})")
+        if probes.long_range_seq_len <= att.sw_window:
+            raise ValueError(f"probes.long_range_seq_len ({probes.long_range_seq_len}) must exceed "
+                             f"model.attention.sw_window ({att.sw_window}): long range means beyond the window")
         return self
 
 

@@ -9,7 +9,8 @@
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed into
 place; a directory without a manifest, or whose checksums do not match, is ignored with a warning.
-So a kill at any moment leaves the previous checkpoint loadable (F2).
+So a kill at any moment leaves the previous checkpoint loadable (F2). With checkpoint.async_save the same
+write runs in a background thread (BackgroundWriter) on a CPU snapshot taken before training goes on.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,9 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write checkpoint `step` atomically. `model` is the module, or its weights as snapshot() returns them."""
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -46,7 +49,10 @@ def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], meta: d
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if isinstance(model, dict):
+        save_file(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step,
                                                "saved": dt.datetime.now().isoformat(timespec="seconds")},
@@ -67,6 +73,59 @@ def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], meta: d
         tmp.rename(final)
     _fsync_dir(root)
     return final
+
+
+def snapshot(model, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CPU copies of the weights (a tensor shared by several names, like the tied embedding, stored once) and
+    of every tensor in `state`, so that training may go on while they are written."""
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            weights[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return weights, _cpu_copy(state)
+
+
+def _cpu_copy(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs checkpoint writes in a background thread, one at a time: submit() first waits for the previous
+    write. An error in the thread is raised by the next submit() or wait()."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write, *args) -> None:
+        self.wait()
+
+        def run():
+            try:
+                write(*args)
+            except BaseException as err:   # handed to the training thread at the next wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="forge-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def verify(path: Path) -> str | None:

@@ -40,6 +40,8 @@ def _nll(model, data, device, halt: bool) -> dict[str, dict[str, float]]:
             acc["bytes"] += batch.n_bytes
             steps = out.metrics.get("act/avg_steps")
             acc["steps"] += (float(steps) if steps is not None else 1.0) * n   # without TRM: one step
+            counts = torch.bincount(out.used_steps.flatten() - 1, minlength=model.n_steps).tolist()
+            acc["halt_hist"] = [a + c for a, c in zip(acc.get("halt_hist", [0] * len(counts)), counts)]
         totals[name] = acc
     return totals
 
@@ -61,13 +63,23 @@ def _summarise(totals: dict[str, dict[str, float]], prefix: str) -> dict[str, fl
     return out
 
 
+def halting_histogram(totals: dict[str, dict], prefix: str) -> dict[str, float]:
+    """The ACT histogram (C1): share of held-out tokens whose output came from outer step t, per step."""
+    counts = [sum(col) for col in zip(*(acc["halt_hist"] for acc in totals.values() if "halt_hist" in acc))]
+    total = sum(counts)
+    return {f"{prefix}share_step{t}": c / total for t, c in enumerate(counts)} if total else {}
+
+
 def evaluate(model, data, device) -> dict[str, float]:
-    """valid/* at full depth (every outer step runs) and valid/halt/* under ACT halting."""
+    """valid/* at full depth (every outer step runs) and valid/halt/* under ACT halting, with the halting
+    histogram valid/halt/share_step{t}."""
     was_training = model.training
     model.eval()
     try:
         out = _summarise(_nll(model, data, device, halt=False), "valid/")
-        out.update(_summarise(_nll(model, data, device, halt=True), "valid/halt/"))
+        halting = _nll(model, data, device, halt=True)
+        out.update(_summarise(halting, "valid/halt/"))
+        out.update(halting_histogram(halting, "valid/halt/"))
     finally:
         model.train(was_training)
     return out

@@ -77,6 +77,7 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     from forge.train.loop import Trainer
     from forge.train.metrics_log import MetricsLog, read_metrics, truncate_after
     from forge.train.monitors import MonitorSet, load_monitors
+    from forge.probes.suite import SAMPLES
 
     spec = resolved.spec
     stop_at = min(max_steps or spec.train.max_steps, spec.train.max_steps)
@@ -84,6 +85,7 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     try:
         parts = build_components(spec, data_dir)
         run.write("environment.json", environment(spec.run.seed, str(parts.device)))
+        parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
         latest = ckpt.latest_valid(run.checkpoints) if resume else None
         if resume and latest is None:
             raise ForgeError(f"run {run.run_id} has no valid checkpoint to resume from")
@@ -91,6 +93,8 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
         monitors = MonitorSet(load_monitors(spec.run.checklist))
         if latest is not None:
             truncate_after(run.metrics_path, start_step)  # the steps after the checkpoint run again
+            if (run.path / SAMPLES).is_file():
+                truncate_after(run.path / SAMPLES, start_step)
             for record in read_metrics(run.metrics_path):
                 monitors.observe(record)
         live = LiveView(run.run_id, start_step, stop_at, tty=tty)

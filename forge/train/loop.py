@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from forge.probes.suite import ProbeSuite, observing
 from forge.spec.load import ResolvedSpec
 from forge.train import checkpoint as ckpt
 from forge.train.components import Components, rng_state, set_rng_state
@@ -27,7 +28,7 @@ from forge.train.evaluate import evaluate, merge_preview
 from forge.train.live import LiveView
 from forge.train.metrics_log import MetricsLog
 from forge.train.monitors import MonitorSet
-from forge.train.perf import FlopCounter, matmul_peak_flops
+from forge.train.perf import matmul_peak_flops
 from forge.train.run_dir import RunDir
 
 
@@ -51,11 +52,15 @@ class Trainer:
         # "logged"/"plain": summed time and count of steps with and without metric collection (F1)
         self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "window_tokens": 0, "window_time": 0.0,
                         "logged": [0.0, 0], "plain": [0.0, 0]}
-        self._flops_per_token: float | None = None
+        self._flops_by_seq_len: dict[int, float] = {}
         from forge.optim import attention_modules
 
         self._n_heads = max(1, sum(m.n_heads for m in attention_modules(parts.model)))
         self._peak_flops: float | None = None
+        parts.model.set_gradient_checkpointing(self.spec.train.gradient_checkpointing)
+        self._writer = ckpt.BackgroundWriter() if self.spec.checkpoint.async_save else None
+        self.probes = (ProbeSuite(self.spec.probes, self.spec.model.attention.sw_window, parts.data, self.spec.run.seed)
+                       if self.spec.probes.enabled else None)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -64,11 +69,25 @@ class Trainer:
                 "rng": rng_state()}
 
     def save(self) -> None:
+        """Write a checkpoint (and prune old ones); with checkpoint.async_save in a background thread, from a
+        CPU snapshot taken now, while training goes on."""
         step = self.counters.step
         meta = {"run_id": self.run.run_id, "spec_hash": self.spec_hash}
-        ckpt.save_checkpoint(self.run.checkpoints, step, self.parts.model, self.state_dict(), meta)
-        ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
+
+        def write(weights, state):
+            ckpt.save_checkpoint(self.run.checkpoints, step, weights, state, meta)
+            ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
+
+        if self._writer is None:
+            write(self.parts.model, self.state_dict())
+        else:
+            self._writer.submit(write, *ckpt.snapshot(self.parts.model, self.state_dict()))
         self.run.set_status("running", step=step)  # forge runs shows progress between checkpoints
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a background checkpoint write is on disk (raises its error, if any)."""
+        if self._writer is not None:
+            self._writer.wait()
 
     def restore(self, path) -> None:
         state, meta = ckpt.load_checkpoint(path, self.parts.model)
@@ -83,7 +102,7 @@ class Trainer:
         act = self.spec.model.act
         return act.loss_weight if step >= act.warmup_steps else 0.0
 
-    def train_step(self, collect: bool, count_flops: bool = False) -> dict[str, Any]:
+    def train_step(self, collect: bool) -> dict[str, Any]:
         from forge.optim import qk_clip
 
         model, opt = self.parts.model, self.parts.optimizer
@@ -97,8 +116,7 @@ class Trainer:
             model.trm.track_state_grads = collect  # grad/norm_y, grad/norm_z
         sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
-        flops = FlopCounter(enabled=count_flops)
-        with self._autocast(), flops:
+        with self._autocast():
             for idx, targets in micro_batches:
                 idx, targets = idx.to(self.parts.device), targets.to(self.parts.device)
                 out = model(idx, targets, act_loss_weight=self.act_loss_weight(step))
@@ -107,8 +125,6 @@ class Trainer:
                 if collect:
                     for k, v in out.metrics.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
-        if count_flops:
-            self._flops_per_token = flops.total / n_tokens
         state_grads = model.trm.pop_state_grad_norms() if model.trm is not None else {}
         norm = opt.step(collect_metrics=collect)
         finite = bool(torch.isfinite(norm))
@@ -126,10 +142,9 @@ class Trainer:
         self._timing["data"] += t_data
         self._timing["window_tokens"] += n_tokens
         self._timing["window_time"] += elapsed
-        if not count_flops:  # the FLOP-counted first step is slower for reasons of its own
-            kind = self._timing["logged" if collect else "plain"]
-            kind[0] += elapsed
-            kind[1] += 1
+        kind = self._timing["logged" if collect else "plain"]
+        kind[0] += elapsed
+        kind[1] += 1
         if not collect:
             return {}
         metrics = {k: v / len(micro_batches) for k, v in sums.items()}
@@ -153,10 +168,20 @@ class Trainer:
                "perf/logging_fraction": self._logging_fraction(),
                "perf/data_fraction": t["data"] / max(t["train"], 1e-9),
                "config/param_count": float(sum(p.numel() for p in self.parts.model.parameters()))}
-        if self._flops_per_token and self._peak_flops:
-            out["perf/mfu"] = out["perf/tokens_per_sec"] * self._flops_per_token / self._peak_flops
+        if self._peak_flops:
+            out["perf/mfu"] = out["perf/tokens_per_sec"] * self._flops_per_token() / self._peak_flops
         t["window_tokens"], t["window_time"] = 0, 0.0
         return out
+
+    def _flops_per_token(self) -> float:
+        """Model FLOPs per training token at the current sequence length, counted from the spec (torch's
+        FLOP counter misses attention on CPU; forge.model.flops)."""
+        from forge.model.flops import model_flops_per_token
+
+        seq_len = self.parts.loader.seq_len_at(max(0, self.counters.step - 1))
+        if seq_len not in self._flops_by_seq_len:
+            self._flops_by_seq_len[seq_len] = model_flops_per_token(self.spec.model, seq_len)["total"]
+        return self._flops_by_seq_len[seq_len]
 
     def _logging_fraction(self) -> float:
         """Share of training time that logging costs (F1): the extra time of logging steps over plain
@@ -193,31 +218,47 @@ class Trainer:
             while self.counters.step < stop_at:
                 step = self.counters.step + 1  # the step about to complete
                 collect = step % spec.logging.every == 0 or step == stop_at
-                metrics = self.train_step(collect, count_flops=self._flops_per_token is None)
+                metrics = self.train_step(collect)
                 if self.counters.nonfinite_in_a_row >= spec.train.max_nonfinite_in_a_row:
                     self.stop_reason = (f"{self.counters.nonfinite_in_a_row} consecutive non-finite losses/gradients "
                                         f"at step {step}; run `forge diagnose {self.run.run_id}`")
                     self.record({**metrics, "optim/nonfinite_count": self.counters.nonfinite_total})
                     return "failed"
                 if step % spec.train.eval_every == 0 or step == stop_at:
-                    metrics.update(evaluate(self.parts.model, self.parts.data, self.parts.device))
+                    metrics.update(self.evaluate(step))
                 if spec.merge_preview.enabled and step % spec.merge_preview.every == 0:
-                    metrics.update(merge_preview(self.parts.model, self.parts.data, self.parts.device,
-                                                 self.run.checkpoints, spec.merge_preview, spec.checkpoint.every))
+                    self.wait_for_checkpoint()     # the parent is the newest checkpoint on disk
+                    with observing(self.parts.model):
+                        metrics.update(merge_preview(self.parts.model, self.parts.data, self.parts.device,
+                                                     self.run.checkpoints, spec.merge_preview, spec.checkpoint.every))
                 if metrics:
                     self.record({**metrics, **self.perf_metrics()} if collect else metrics)
                 else:
                     self.live.step(step)
                 if step % spec.checkpoint.every == 0 or step == stop_at:
                     self.save()
+                every = spec.train.cuda_empty_cache_every
+                if every and step % every == 0 and self.parts.device.type == "cuda":
+                    torch.cuda.empty_cache()       # OOM mitigation: return cached blocks (fragmentation)
                 if self.stop_reason is not None:
                     if step % spec.checkpoint.every and step != stop_at:
                         self.save()
                     return "interrupted"
             return "finished"
         finally:
+            self.wait_for_checkpoint()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """valid/* (perplexity, bits per byte, halting histogram) and the probes, without side effects on
+        training (no max-logit tracking for QK-clip, no RNG draws)."""
+        model = self.parts.model
+        with observing(model):
+            out = evaluate(model, self.parts.data, self.parts.device)
+            if self.probes is not None:
+                out.update(self.probes.run(model, self.parts.device, step, self.run.path))
+        return out
 
     def _request_stop(self, signum, frame) -> None:
         if self.stop_reason is not None:  # a second Ctrl-C: stop now, the last checkpoint stays valid

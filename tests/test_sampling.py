@@ -1,0 +1,125 @@
+"""Generation: the cached (incremental) decoder reproduces the full forward for every model variant, sampling
+is deterministic under a seed and respects max tokens, cached and uncached generation agree token for
+token, and ACT halting at inference is reported per generated token."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SPECS
+from forge.model import build_model
+from forge.model.decode import IncrementalDecoder
+from forge.probes.sampling import generate, pick_next
+from forge.spec.load import load_spec
+
+SMALL = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=48",
+         "model.memory.d_mem=16", "model.memory.rank=4", "model.memory.chunk_size=8", "model.gate.hidden=16",
+         "model.trm.ffn_hidden=48", "model.attention.sw_window=8"]
+V = 64
+VARIANTS = {
+    "phase1": [],
+    "global_tokens": ["model.attention.type=sliding_window_with_global", "model.attention.global_every=4",
+                      "model.attention.global_tokens=5"],
+    "full_attention": ["model.attention.type=full"],
+    "no_memory": ["model.memory.enabled=false"],
+    "no_trm": ["model.trm.enabled=false"],
+}
+
+
+def small_model(*overrides: str, seed: int = 0):
+    torch.manual_seed(seed)
+    spec = load_spec(SPECS / "tiny.toml", SMALL + list(overrides)).spec
+    model = build_model(spec.model, spec.objective).eval()
+    if model.trm is not None:   # a halting head that halts some tokens early and others late
+        with torch.no_grad():
+            model.trm.act.weight.normal_(0, 2.0)
+            model.trm.act.bias.fill_(0.0)
+    return model
+
+
+def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("halt", [False, True])
+def test_cached_decoder_reproduces_the_full_forward(variant, halt):
+    model = small_model(*VARIANTS[variant])
+    idx = tokens(2, 70)                            # > 8 windows: the forward runs the blocked layout
+    with torch.no_grad():
+        full = model(idx, halt=halt, return_logits=True)
+    decoder = IncrementalDecoder(model, 2)
+    pieces = [decoder.step(idx[:, :13], halt=halt)]           # prefill across a memory chunk boundary
+    pieces += [decoder.step(idx[:, t:t + 1], halt=halt) for t in range(13, 70)]
+    logits = torch.cat([p.logits for p in pieces], dim=1)
+    used = torch.cat([p.used_steps for p in pieces], dim=1)
+    torch.testing.assert_close(logits, full.logits, atol=1e-4, rtol=1e-4)
+    if halt:
+        assert torch.equal(used, full.used_steps)
+    else:
+        assert bool((used == model.n_steps).all())
+
+
+def test_halting_varies_per_token_so_the_halting_test_means_something():
+    model = small_model()
+    with torch.no_grad():
+        used = model(tokens(2, 70), halt=True).used_steps
+    assert len(used.unique()) > 1
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 5), (0.0, 0)])
+def test_cached_and_uncached_generation_agree_token_for_token(temperature, top_k):
+    model = small_model()
+    prompts = tokens(3, 11)
+    kw = dict(temperature=temperature, top_k=top_k, seed=7)
+    cached = generate(model, prompts, 25, cached=True, **kw)
+    uncached = generate(model, prompts, 25, cached=False, **kw)
+    assert cached.tokens == uncached.tokens
+    assert cached.avg_steps == pytest.approx(uncached.avg_steps)
+
+
+def test_sampling_is_deterministic_under_a_seed_and_respects_max_tokens():
+    model = small_model()
+    prompts = tokens(2, 6)
+    a = generate(model, prompts, 17, temperature=1.0, top_k=0, seed=3)
+    b = generate(model, prompts, 17, temperature=1.0, top_k=0, seed=3)
+    c = generate(model, prompts, 17, temperature=1.0, top_k=0, seed=4)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    assert [len(t) for t in a.tokens] == [17, 17]
+    state = torch.get_rng_state()
+    generate(model, prompts, 5, temperature=1.0, top_k=0, seed=3)
+    assert torch.equal(state, torch.get_rng_state())      # a dedicated generator: the global RNG is untouched
+
+
+def test_generation_stops_at_eos_per_row():
+    model = small_model()
+    prompts = tokens(2, 6)
+    free = generate(model, prompts, 12, temperature=0.0, top_k=0, seed=0)
+    eos = free.tokens[0][3]                     # pretend the 4th greedy token of row 0 is eos
+    stopped = generate(model, prompts, 12, temperature=0.0, top_k=0, seed=0, eos_id=eos)
+    assert stopped.tokens[0] == free.tokens[0][:free.tokens[0].index(eos)]
+    assert eos not in stopped.tokens[1] and len(stopped.tokens[1]) <= 12
+
+
+def test_halting_at_inference_reports_steps_and_full_depth_forces_t_max():
+    model = small_model()
+    prompts = tokens(2, 9)
+    halted = generate(model, prompts, 10, temperature=0.0, top_k=0, seed=0, halt=True)
+    full = generate(model, prompts, 10, temperature=0.0, top_k=0, seed=0, halt=False)
+    assert full.avg_steps == model.n_steps
+    assert 1 <= halted.avg_steps < model.n_steps
+    # the reported average is the halting rule on the generated tokens (the forward's used_steps)
+    seq = torch.cat([prompts, torch.tensor(halted.tokens)], dim=1)
+    with torch.no_grad():
+        used = model(seq[:, :-1], halt=True).used_steps[:, prompts.shape[1] - 1:]
+    assert halted.avg_steps == pytest.approx(float(used.float().mean()))
+
+
+def test_top_k_one_is_greedy_and_temperature_zero_is_argmax():
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(pick_next(logits, 1.5, 1, g), logits.argmax(-1))
+    assert torch.equal(pick_next(logits, 0.0, 0, g), logits.argmax(-1))
+    draws = torch.stack([pick_next(logits, 1.0, 3, g) for _ in range(200)])
+    top3 = logits.topk(3, dim=-1).indices
+    assert bool((draws[..., None] == top3).any(-1).all())    # never outside the top 3

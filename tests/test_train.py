@@ -219,3 +219,25 @@ def test_merge_preview_of_two_checkpoints(run_cli, tmp_path):
     assert json.loads(out)["merge/fitness"] == pytest.approx(1.0, rel=1e-6)  # merging a model with itself
     code, _, err = run_cli("merge-preview", "m", "--a", "3", "--b", "8", cwd=tmp_path)
     assert code == 2 and "step 3" in err and "kept steps: 4, 8" in err
+
+
+def test_gradient_and_histogram_logging_follow_the_spec(run_cli, tmp_path):
+    code, _, err = run_cli("train", str(SPECS / "tiny.toml"), "--force", "--max-steps", "4", "--run-id", "h",
+                           *[x for a in [*FAST, "logging.gradients=true", "logging.histograms=true"]
+                             for x in ("--set", a)], cwd=tmp_path)
+    assert code == 0, err
+    run = RunDir(tmp_path / "runs" / "h")
+    record = read_metrics(run.metrics_path)[-1]
+    per_param = {k for k in record if k.startswith("grad/param/")}
+    assert "grad/param/tok_emb.weight" in per_param
+    # every parameter learns, except the ACT head, whose loss weight is 0 before act.warmup_steps (50)
+    assert {k for k in per_param if not record[k] > 0} == {"grad/param/trm.act.weight", "grad/param/trm.act.bias"}
+    lines = [json.loads(line) for line in (run.path / "histograms.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in lines] == [2, 4]
+    q = lines[-1]["params"]["tok_emb.weight"]
+    assert q == sorted(q) and q[0] < 0 < q[-1]
+    # off (the specs' default): neither is written
+    assert train(run_cli, tmp_path, "--max-steps", "2", "--run-id", "n")[0] == 0
+    plain = RunDir(tmp_path / "runs" / "n")
+    assert not (plain.path / "histograms.jsonl").exists()
+    assert not any(k.startswith("grad/param/") for r in read_metrics(plain.metrics_path) for k in r)

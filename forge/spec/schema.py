@@ -53,5 +53,3 @@ class Spec(Section):
                              f"model.attention.sw_window ({att.sw_window}): long range means beyond the window")
         return self
 
-
-SECTIONS = tuple(Spec.model_fields)

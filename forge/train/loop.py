@@ -126,6 +126,9 @@ class Trainer:
                     for k, v in out.metrics.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
         state_grads = model.trm.pop_state_grad_norms() if model.trm is not None else {}
+        if collect and self.spec.logging.gradients:   # raw gradients, before Grokfast and clipping
+            state_grads.update({f"grad/param/{n}": p.grad.norm() for n, p in model.named_parameters()
+                                if p.grad is not None})
         norm = opt.step(collect_metrics=collect)
         finite = bool(torch.isfinite(norm))
         clipped = qk_clip(model, self.spec.optim.qk_clip) if finite else 0
@@ -147,6 +150,8 @@ class Trainer:
         kind[1] += 1
         if not collect:
             return {}
+        if self.spec.logging.histograms:
+            self.log.histograms(c.step, dict(model.named_parameters()))
         metrics = {k: v / len(micro_batches) for k, v in sums.items()}
         metrics.update(state_grads)
         metrics.update(opt.metrics())
@@ -260,7 +265,7 @@ class Trainer:
                 out.update(self.probes.run(model, self.parts.device, step, self.run.path))
         return out
 
-    def _request_stop(self, signum, frame) -> None:
+    def _request_stop(self, signum, _frame) -> None:
         if self.stop_reason is not None:  # a second Ctrl-C: stop now, the last checkpoint stays valid
             raise KeyboardInterrupt
         self.stop_reason = f"stopped by {signal.Signals(signum).name}"

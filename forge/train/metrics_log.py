@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+HISTOGRAM_QUANTILES = [0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0]
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl; a torn last line (a kill mid-write) is ignored."""
     if not path.is_file():
@@ -61,10 +64,6 @@ class MetricsLog:
             self._warn(f"W&B could not start ({type(err).__name__}: {err}); metrics go to {self.path} only")
             return None
 
-    @property
-    def wandb_active(self) -> bool:
-        return self._wandb is not None
-
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _finite_or_none(float(v)) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
@@ -75,6 +74,26 @@ class MetricsLog:
             except Exception as err:
                 self._warn(f"W&B logging failed ({type(err).__name__}: {err}); continuing with local metrics")
                 self._wandb = None
+
+    def histograms(self, step: int, tensors: dict) -> None:
+        """logging.histograms: the distribution of every parameter, as quantiles in histograms.jsonl next
+        to metrics.jsonl (one line per step) and as W&B histograms when W&B runs. Costly (F1): off by default."""
+        import torch
+
+        q = torch.tensor(HISTOGRAM_QUANTILES)
+        summary = {}
+        for name, t in tensors.items():
+            flat = t.detach().float().flatten()
+            if flat.numel() > 1_000_000:  # torch.quantile's input limit: an evenly strided sample
+                flat = flat[:: flat.numel() // 1_000_000 + 1]
+            summary[name] = [round(float(v), 6) for v in torch.quantile(flat, q)]
+        with open(self.path.with_name("histograms.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "quantiles": HISTOGRAM_QUANTILES, "params": summary}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"hist/{n}": wandb.Histogram(t.detach().float().cpu().numpy())
+                             for n, t in tensors.items()}, step=step)
 
     def close(self, exit_code: int = 0) -> None:
         self._file.close()

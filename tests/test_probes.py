@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SPECS, shared_data_dir
+from conftest import SPECS
 from forge.model import build_model
 from forge.probes.heatmaps import capture_attention, heatmap_metrics, write_heatmaps
 from forge.probes.long_range import range_accuracy
@@ -71,19 +71,17 @@ def induction_oracle(vocab_size: int):
     return logits
 
 
-def gsm8k_texts() -> list[str]:
-    root = shared_data_dir()
-    if root is None:
-        pytest.skip("real data samples not found: set FORGE_DATA_DIR or put shared/ beside the repository")
-    lines = (root / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+@pytest.fixture
+def gsm8k_texts(data_dir) -> list[str]:
+    lines = (data_dir / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:40]
     return [json.loads(line)["text"] for line in lines]
 
 
 # ------------------------------------------------------------------------------------------ reasoning (A1)
-def test_gsm8k_items_ask_for_the_final_number_of_held_out_solutions(tiny):
+def test_gsm8k_items_ask_for_the_final_number_of_held_out_solutions(tiny, gsm8k_texts):
     _, data, _ = tiny
     tok = data.tokenizer
-    texts = gsm8k_texts()
+    texts = gsm8k_texts
     items = gsm8k_items(texts + ["no final answer here"], tok, 12)
     assert len(items) == 12
     for item, text in zip(items, texts):
@@ -93,10 +91,10 @@ def test_gsm8k_items_ask_for_the_final_number_of_held_out_solutions(tiny):
     assert tok.decode(items[0].answer[:-1]) == " 18"          # Janet's ducks
 
 
-def test_reasoning_oracle_scores_one_near_miss_zero_random_model_chance(tiny):
+def test_reasoning_oracle_scores_one_near_miss_zero_random_model_chance(tiny, gsm8k_texts):
     _, data, model = tiny
     tok = data.tokenizer
-    items = gsm8k_items(gsm8k_texts(), tok, 16) + arithmetic_items(tok, 16, torch.Generator().manual_seed(0))
+    items = gsm8k_items(gsm8k_texts, tok, 16) + arithmetic_items(tok, 16, torch.Generator().manual_seed(0))
     sequences = [it.prompt + it.answer for it in items]
     oracle = exact_match(LookupOracle(sequences, tok.vocab_size), items, tok.pad_id, "cpu", batch_size=5)
     near_miss = exact_match(LookupOracle(sequences, tok.vocab_size, shift=1), items, tok.pad_id, "cpu", 5)

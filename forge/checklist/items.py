@@ -10,17 +10,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from forge.errors import Problem, SpecError
+from forge.spec.base import Section
 from forge.spec.load import Origin, key_lines
 
 Severity = Literal["critical", "monitor"]
 
 
-class Item(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class Item(Section):
     id: str = Field(pattern=r"^([A-G][1-3]|CFG|OBS)-[a-z0-9-]+$",
                     description="Stable id; starts with the premortem failure mode it guards (A1..G2).")
     title: str = Field(min_length=1)
@@ -29,9 +28,7 @@ class Item(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class Checklist(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class Checklist(Section):
     name: str
     description: str = ""
     items: list[Item]

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from forge.diagnose.signals import SIGNALS, compute
 from forge.errors import Problem, SpecError
+from forge.spec.base import Section
 
 PROBLEMS = ("loss-not-decreasing", "act-pathological-halting", "gate-saturation", "out-of-memory",
             "training-too-slow", "instability", "observability", "budget", "merge")
@@ -26,11 +27,7 @@ _OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a 
         "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class Condition(_Strict):
+class Condition(Section):
     metric: str
     signal: str
     window: int = Field(5, ge=1)
@@ -51,13 +48,13 @@ class Condition(_Strict):
         return self
 
 
-class SpecCondition(_Strict):
+class SpecCondition(Section):
     key: str
     op: Literal["==", "!=", ">", ">=", "<", "<=", "set"]
     value: Any = None
 
 
-class Remedy(_Strict):
+class Remedy(Section):
     set: dict[str, Any] = Field(default_factory=dict, description="dotted key -> new value")
     scale: dict[str, float] = Field(default_factory=dict, description="dotted key -> factor of its current value")
     rationale: str
@@ -69,7 +66,7 @@ class Remedy(_Strict):
         return self
 
 
-class Rule(_Strict):
+class Rule(Section):
     id: str = Field(pattern=r"^[A-G][1-3]-[a-z0-9-]+$")
     problem: Literal[PROBLEMS]  # type: ignore[valid-type]
     title: str

@@ -1,4 +1,5 @@
-"""The base every spec section derives from: strict, closed, immutable.
+"""The base of every model read from TOML (spec sections, checklist items, monitors, diagnose rules):
+strict, closed, immutable.
 
 strict: TOML is typed, so "512" never silently becomes 512.
 extra="forbid": a misspelled key is an error, not an ignored knob.

@@ -15,14 +15,13 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from forge.errors import Problem, SpecError
+from forge.spec.base import Section
 
 
-class Monitor(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
+class Monitor(Section):
     id: str = Field(pattern=r"^([A-G][1-3]|OBS|PERF)-[a-z0-9-]+$")
     title: str
     kind: Literal["range", "decreasing", "no_spike", "ordered"]

@@ -54,31 +54,58 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
           max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                                   help="Stop at this step (the lr schedule still follows "
                                                        "train.max_steps)."),
+          nproc: Optional[int] = typer.Option(None, "--nproc", min=1,
+                                              help="Train on N processes of this machine (torch DDP through "
+                                                   "torchrun; one GPU each on CUDA). Results do not depend on N."),
           force: bool = typer.Option(False, "--force", help="Launch even if a critical checklist item fails "
                                                             "(recorded in the run's lineage)."),
-          data_dir: Optional[Path] = DataDirOption) -> None:
-    """Gate SPEC with its checklist, then train; metrics, checkpoints and status go to runs/<run-id>/."""
+          data_dir: Optional[Path] = DataDirOption,
+          attach: Optional[Path] = typer.Option(None, "--attach", hidden=True,
+                                                help="(internal) a worker of `--nproc`: the run directory.")) -> None:
+    """Gate SPEC with its checklist, then train; metrics, checkpoints and status go to runs/<run-id>/.
+
+    Several processes: `forge train SPEC --nproc N` on one machine; on several machines, start
+    `torchrun --nnodes ... -m forge train SPEC` on each (see README, "Training on several processes")."""
     from forge.checklist.context import default_data_dir
+    from forge.distributed import check_batch_split
     from forge.errors import ForgeError
     from forge.spec.load import load_spec
-    from forge.train.launch import reopen, start
-    from forge.train.launch import train as run_training
+    from forge.train import launch
 
     data_dir = data_dir or default_data_dir()
+    if resume and overrides:
+        raise ForgeError("--set cannot change a run being resumed; start a new run with the changed spec")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:   # a worker process started by torchrun
+        if nproc:
+            raise ForgeError("--nproc starts torchrun itself: do not combine it with torchrun")
+        result, run, world = launch.run_worker(spec, overrides or [], attach=attach, resume=resume, run_id=run_id,
+                                               force=force, max_steps=max_steps, data_dir=data_dir)
+        if world.main and attach is None:   # with --nproc the launching process reports
+            ui.render_run_end(result, run.path)
+        raise typer.Exit(result.exit_code)
+    if attach is not None:
+        raise ForgeError("--attach is internal to --nproc workers (torchrun sets RANK and WORLD_SIZE)")
     if resume:
-        if overrides:
-            raise ForgeError("--set cannot change a run being resumed; start a new run with the changed spec")
         root = Path(load_spec(spec).spec.run.output_dir) if spec else Path("runs")
-        resolved, run = reopen(resume, root)
+        resolved, run = launch.reopen(resume, root)
+        if nproc:
+            check_batch_split(resolved.spec.data.batch_size, resolved.spec.data.grad_accum, nproc)
     else:
         if spec is None:
             raise ForgeError("give a SPEC to start a run, or --resume RUN_ID to continue one")
-        refused, resolved, run = start(spec, overrides or [], run_id=run_id, force=force, data_dir=data_dir)
+        resolved = load_spec(spec, overrides or [])
+        if nproc:   # before the checklist and the run directory: nothing is written for a bad split
+            check_batch_split(resolved.spec.data.batch_size, resolved.spec.data.grad_accum, nproc)
+        refused, resolved, run = launch.start(spec, overrides or [], run_id=run_id, force=force, data_dir=data_dir)
         if refused:
             ui.render_checklist(refused.checklist, str(spec), resolved.hash)
             ui.print_error(refused.message)
             raise typer.Exit(refused.exit_code)
-    result = run_training(resolved, run, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
+    if nproc:
+        result = launch.launch_workers(run, nproc, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
+        run.unlock()
+    else:
+        result = launch.train(resolved, run, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
     ui.render_run_end(result, run.path)
     raise typer.Exit(result.exit_code)
 

@@ -40,7 +40,9 @@ class HaltingHead(nn.Module):
         self.ema_updates += 1
 
 
-def halting_loss(halt_logits: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """BCE between halting logits and the "already correct" target, over valid tokens."""
+def halting_loss(halt_logits: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor,
+                 n_valid: torch.Tensor) -> torch.Tensor:
+    """BCE between halting logits and the "already correct" target, summed over valid tokens / n_valid (the
+    caller's token count: this batch's, or under data parallelism the global count / world size)."""
     per_token = F.binary_cross_entropy_with_logits(halt_logits, correct.to(halt_logits.dtype), reduction="none")
-    return (per_token * valid).sum() / valid.sum().clamp_min(1)
+    return (per_token * valid).sum() / n_valid

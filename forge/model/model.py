@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forge.distributed import all_reduce_sum, gather_rows, world_size
 from forge.model.act import halting_loss
 from forge.model.attention import attention_modules
 from forge.model.backbone import Block
@@ -66,6 +67,9 @@ class CognateModel(nn.Module):
         self.step_weights = list(spec.trm.step_weights) if spec.trm.enabled else [1.0]
         self.log_attention_stats = False
         self.checkpoint_blocks = False       # gradient checkpointing of the backbone blocks (OOM mitigation)
+        # set by the trainer under DDP: training forwards then define token counts, the batch-level terms and
+        # the ACT accuracy EMA on the global batch (collectives: every rank must run the same forwards)
+        self.data_parallel = False
         self._attention = attention_modules(self)
         for p in self.parameters():          # every matrix (and the embedding) ~ N(0, init_std)
             if p.dim() == 2:
@@ -125,12 +129,16 @@ class CognateModel(nn.Module):
             attn.collect_stats, attn.entropy_grad = self.log_attention_stats, attn_entropy_reg
         rope = self.rope(T, idx.device)
         x, metrics, gate_entropy = self.encode(idx, rope)
-        metrics["embedding_diversity"] = 1 - mean_pairwise_cosine(x.detach().flatten(0, 1))
+        dp = self.data_parallel and self.training
+        metrics["embedding_diversity"] = 1 - mean_pairwise_cosine(x.detach().flatten(0, 1),
+                                                                  all_reduce_sum if dp else None)
 
         last, keep_logits = self.n_steps - 1, return_logits or targets is None
         if targets is not None:
             valid = targets != IGNORE_INDEX
-            n_valid = valid.sum().clamp_min(1)
+            # Under DDP: the global count / W, so that DDP's average of the ranks' gradients is the gradient of
+            # the global mean (ranks may hold different numbers of valid targets)
+            n_valid = (all_reduce_sum(valid.sum()) / world_size() if dp else valid.sum()).clamp_min(1)
         halted = torch.zeros(B, T, dtype=torch.bool, device=idx.device)
         used_step = torch.full((B, T), last, dtype=torch.long, device=idx.device)
         out_logits = out_ce = None
@@ -158,7 +166,7 @@ class CognateModel(nn.Module):
                 correct = (logits.detach().argmax(-1) == targets) & valid
                 accuracy.append(correct.sum() / n_valid)
                 if z is not None:
-                    act_terms.append(halting_loss(halt_logits, correct, valid))
+                    act_terms.append(halting_loss(halt_logits, correct, valid, n_valid))
                 out_ce = ce_tokens.detach() if out_ce is None else torch.where(take, ce_tokens.detach(), out_ce)
             if keep_logits and (halt or t == last):
                 out_logits = logits if out_logits is None else torch.where(take[..., None], logits, out_logits)
@@ -170,8 +178,9 @@ class CognateModel(nn.Module):
             metrics["act/avg_steps"] = (used_step + 1).float().mean()
             for t in range(self.n_steps):    # the halting histogram (C1): share of tokens that stop at step t
                 metrics[f"act/halt_share_step{t}"] = (used_step == t).float().mean()
-            if self.training and len(accuracy) == self.n_steps:
-                self.trm.act.update_ema(torch.stack(accuracy))
+            if self.training and len(accuracy) == self.n_steps:   # the EMA of the global batch's accuracy
+                step_accuracy = torch.stack(accuracy)
+                self.trm.act.update_ema(all_reduce_sum(step_accuracy) / world_size() if dp else step_accuracy)
             for t in range(self.n_steps):
                 metrics[f"act/ema_acc_step{t}"] = self.trm.act.ema_acc[t].detach().clone()
         metrics.update(self._attention_metrics())
@@ -188,8 +197,9 @@ class CognateModel(nn.Module):
         """next_token * sum_t w_t CE_t + coherence + diversity - entropy_reg * H(gate) + act_loss_weight * BCE
         - attention_entropy * H(attention); each term also logged."""
         obj = self.objective
-        coherence = coherence_loss(x, obj.coherence_temperature)
-        diversity = diversity_penalty(x)
+        gather = gather_rows if self.data_parallel and self.training else None   # batch-level: the global batch
+        coherence = coherence_loss(x, obj.coherence_temperature, gather)
+        diversity = diversity_penalty(x, gather)
         loss = obj.next_token * sum(weighted_ce) + obj.sequence_coherence * coherence + obj.diversity * diversity
         metrics["loss/coherence"], metrics["loss/diversity"] = coherence.detach(), diversity.detach()
         if gate_entropy is not None:

@@ -21,14 +21,15 @@ class Components:
     device: torch.device
 
 
-def resolve_device(setting: str) -> torch.device:
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """The spec's train.device; on CUDA the GPU of this process's local rank (one GPU per process)."""
     if setting == "cuda" and not torch.cuda.is_available():
         from forge.errors import ForgeError
 
         raise ForgeError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -36,12 +37,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_components(spec: Spec, data_dir: Path, cache_dir: Path | None = None) -> Components:
+def build_components(spec: Spec, data_dir: Path, cache_dir: Path | None = None, world=None) -> Components:
     from forge.data import build_data
     from forge.model import build_model
     from forge.optim import build_lr_schedule, build_optimizer, set_max_logit_tracking
 
-    device = resolve_device(spec.train.device)
+    device = resolve_device(spec.train.device, world.local_rank if world is not None else 0)
     seed_everything(spec.run.seed)
     model = build_model(spec.model, spec.objective).to(device)
     set_max_logit_tracking(model, spec.optim.qk_clip.enabled)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from forge.checklist.runner import ChecklistResult, run_checklist
+from forge.distributed import SINGLE, World
 from forge.errors import ForgeError
 from forge.spec.load import ResolvedSpec, load_spec
 from forge.spec.render import resolved_toml
@@ -22,6 +24,7 @@ class LaunchResult:
     run_id: str | None = None
     checklist: ChecklistResult | None = None
     message: str = ""
+    crashed: bool = False            # an exception ended it (not a decision every rank took together)
 
     @property
     def exit_code(self) -> int:
@@ -57,10 +60,12 @@ def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: b
     return None, resolved, run
 
 
-def reopen(run_id: str, output_dir: Path) -> tuple[ResolvedSpec, RunDir]:
-    """The run's own resolved spec (what it ran with), verified against its recorded hash."""
+def reopen(run_id: str, output_dir: Path, lock: bool = True) -> tuple[ResolvedSpec, RunDir]:
+    """The run's own resolved spec (what it ran with), verified against its recorded hash. lock=False: the
+    workers of a distributed run, whose launching process holds the lock."""
     run = RunDir.open(output_dir, run_id)
-    run.lock()
+    if lock:
+        run.lock()
     resolved = load_spec(run.path / "spec.toml")
     recorded = run.read("lineage.json")["spec_hash"]
     if resolved.hash != recorded:
@@ -70,8 +75,9 @@ def reopen(run_id: str, output_dir: Path) -> tuple[ResolvedSpec, RunDir]:
 
 
 def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int | None, data_dir: Path,
-          tty: bool | None = None) -> LaunchResult:
-    """Run (or continue) training in `run` until max_steps (default: train.max_steps)."""
+          tty: bool | None = None, world: World = SINGLE) -> LaunchResult:
+    """Run (or continue) training in `run` until max_steps (default: train.max_steps). Under torchrun every
+    rank calls this with its `world`; rank 0 alone writes to the run directory."""
     from forge.train.components import build_components
     from forge.train.live import LiveView
     from forge.train.loop import Trainer
@@ -82,47 +88,134 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     spec = resolved.spec
     stop_at = min(max_steps or spec.train.max_steps, spec.train.max_steps)
     live = log = None
+    main = world.main
     try:
-        parts = build_components(spec, data_dir)
-        run.write("environment.json", environment(spec.run.seed, str(parts.device)))
-        parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
+        parts = build_components(spec, data_dir, world=world)
+        if main:
+            run.write("environment.json", environment(spec.run.seed, str(parts.device), world.size))
+            parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
         latest = ckpt.latest_valid(run.checkpoints) if resume else None
         if resume and latest is None:
             raise ForgeError(f"run {run.run_id} has no valid checkpoint to resume from")
         start_step = ckpt.read_meta(latest)["step"] if latest else 0
         monitors = MonitorSet(load_monitors(spec.run.checklist))
-        if latest is not None:
+        if latest is not None and main:
             truncate_after(run.metrics_path, start_step)  # the steps after the checkpoint run again
             if (run.path / SAMPLES).is_file():
                 truncate_after(run.path / SAMPLES, start_step)
             for record in read_metrics(run.metrics_path):
                 monitors.observe(record)
-        live = LiveView(run.run_id, start_step, stop_at, tty=tty)
-        log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path,
-                         spec.model_dump(mode="json"), warn=live.warn)
-        trainer = Trainer(resolved, run, parts, live, log, monitors)
+        live = LiveView(run.run_id, start_step, stop_at, tty=tty, quiet=not main)
+        if main:
+            log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path,
+                             spec.model_dump(mode="json"), warn=live.warn)
+        trainer = Trainer(resolved, run, parts, live, log, monitors, world)
         if latest is not None:
             trainer.restore(latest)
-            live.note(f"resumed {run.run_id} from {latest.name}")
-        run.set_status("running", step=start_step)
+            live.note(f"resumed {run.run_id} from {latest.name}"
+                      + (f" on {world.size} processes" if world.distributed else ""))
+        if main:
+            run.set_status("running", step=start_step, world_size=world.size)
         status = trainer.run_until(stop_at)
         c = trainer.counters
         why = {"failed": "error", "interrupted": "reason"}.get(status)
-        run.set_status(status, step=c.step, tokens=c.tokens, nonfinite=c.nonfinite_total,
-                       **({why: trainer.stop_reason} if why else {}))
+        if main:
+            run.set_status(status, step=c.step, tokens=c.tokens, nonfinite=c.nonfinite_total,
+                           **({why: trainer.stop_reason} if why else {}))
         return LaunchResult(status, run.run_id, message=trainer.stop_reason or "")
     except ForgeError as err:
-        run.set_status("failed", error=str(err))
+        if main:
+            run.set_status("failed", error=str(err))
         raise
     except BaseException as err:
-        run.write("error.txt", traceback.format_exc())
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        message = f"{type(err).__name__}: {err} (traceback in {run.path / 'error.txt'})"
-        run.set_status(status, error=message)
-        return LaunchResult(status, run.run_id, message=message)
+        error_file = run.path / ("error.txt" if main else f"error-rank{world.rank}.txt")
+        run.write(error_file.name, traceback.format_exc())
+        message = f"{type(err).__name__}: {err} (traceback in {error_file})"
+        if main:
+            run.set_status(status, error=message)
+        return LaunchResult(status, run.run_id, message=message, crashed=True)
     finally:
         if log is not None:
             log.close()
         if live is not None:
             live.close()
-        run.unlock()
+        if main:
+            run.unlock()
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def launch_workers(run: RunDir, nproc: int, *, resume: bool, max_steps: int | None, data_dir: Path) -> LaunchResult:
+    """`forge train --nproc N`: start N workers on this machine through torch's own launcher (torchrun,
+    standalone rendezvous, no restarts); they attach to `run`, whose lock this process holds, and rank 0
+    writes it. Each worker gets an equal share of the CPU threads. Returns the run's outcome from its status."""
+    from torch.distributed import run as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args = ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--local-ranks-filter=0",
+            "-m", "forge", "train", "--attach", str(run.path), "--data-dir", str(data_dir)]
+    args += ["--max-steps", str(max_steps)] if max_steps else []
+    args += ["--resume", run.run_id] if resume else []
+    failure = ""
+    try:
+        torchrun.main(args)
+    except KeyboardInterrupt:
+        failure = "interrupted while the workers ran"
+    except Exception as err:   # torchrun's ChildFailedError: a worker exited non-zero (interrupted runs do too)
+        failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    status = run.status() or {}
+    if status.get("status", "running") == "running":   # the workers died before rank 0 recorded an outcome
+        errors = sorted(p.name for p in run.path.glob("error*.txt"))
+        message = f"worker processes failed ({failure or 'no outcome recorded'})" + \
+                  (f"; see {', '.join(str(run.path / e) for e in errors)}" if errors else "")
+        run.set_status("failed", error=message)
+        return LaunchResult("failed", run.run_id, message=message)
+    state = status["status"]
+    return LaunchResult(state, run.run_id, message=status.get("error") or status.get("reason") or "")
+
+
+def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | None, resume: str | None,
+               run_id: str | None, force: bool, max_steps: int | None, data_dir: Path) -> tuple[LaunchResult, RunDir, World]:
+    """One process of a distributed run (torchrun set RANK/WORLD_SIZE). With `attach` (forge train --nproc) the
+    launching process created the run; otherwise (torchrun ... -m forge train SPEC, e.g. on several nodes)
+    rank 0 gates the spec and creates or reopens the run, and every rank joins it by the id rank 0 sends.
+    The run directory must be on a filesystem every node sees (resume reads the checkpoint on every rank)."""
+    from forge import distributed
+
+    if attach is not None:
+        resolved, run = reopen(attach.name, attach.parent, lock=False)
+        world = distributed.init_from_env(resolved.spec.train.device)
+        return _train_worker(resolved, run, world, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
+    root_spec = load_spec(spec_path, overrides) if spec_path else None
+    root = Path(root_spec.spec.run.output_dir) if root_spec else Path("runs")
+    device = root_spec.spec.train.device if root_spec else reopen(resume, root, lock=False)[0].spec.train.device
+    world = distributed.init_from_env(device)
+    chosen, error, run = "", None, None
+    if world.main:
+        try:
+            if resume:
+                resolved, run = reopen(resume, root)
+            else:
+                refused, resolved, run = start(spec_path, overrides, run_id=run_id, force=force, data_dir=data_dir)
+                if refused:
+                    error = ForgeError(refused.message)
+            chosen = run.run_id if run is not None else ""
+        except ForgeError as err:
+            error = err
+    chosen = distributed.broadcast_text(chosen)
+    if error is not None or not chosen:
+        distributed.shutdown()
+        raise error or ForgeError("rank 0 could not start the run (its output has the reason)")
+    if not world.main:
+        resolved, run = reopen(chosen, root, lock=False)
+    return _train_worker(resolved, run, world, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
+
+
+def _train_worker(resolved: ResolvedSpec, run: RunDir, world: World, **kwargs) -> tuple[LaunchResult, RunDir, World]:
+    from forge import distributed
+
+    result = train(resolved, run, world=world, **kwargs)
+    if result.crashed:
+        return result, run, world     # no barrier: the other ranks may be inside a collective; torchrun stops them
+    distributed.shutdown()
+    return result, run, world

@@ -15,9 +15,10 @@ def _eta(seconds: float) -> str:
 
 
 class LiveView:
-    def __init__(self, run_id: str, start_step: int, max_steps: int, tty: bool | None = None):
-        self.run_id, self.start_step, self.max_steps = run_id, start_step, max_steps
-        self.tty = sys.stdout.isatty() if tty is None else tty
+    def __init__(self, run_id: str, start_step: int, max_steps: int, tty: bool | None = None, quiet: bool = False):
+        """quiet: print nothing (the processes of a distributed run other than rank 0)."""
+        self.run_id, self.start_step, self.max_steps, self.quiet = run_id, start_step, max_steps, quiet
+        self.tty = not quiet and (sys.stdout.isatty() if tty is None else tty)
         self.t0 = time.perf_counter()
         self.warnings: list[str] = []
         self._progress = None
@@ -34,6 +35,8 @@ class LiveView:
             self._line(f"run {run_id}: steps {start_step}..{max_steps}")
 
     def _line(self, text: str) -> None:
+        if self.quiet:
+            return
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 

@@ -9,9 +9,15 @@ One optimizer step:
 A non-finite gradient skips the update (counted: optim/nonfinite_count); max_nonfinite_in_a_row of
 them stop the run as failed. SIGINT/SIGTERM finish the current step, write a checkpoint and mark
 the run interrupted.
+
+Under torchrun (forge.distributed) the model is wrapped in DDP: each rank trains on its slice of every
+global micro-batch, no_sync() on all but the last micro-step, and DDP averages the gradients before the
+optimizer step (so Grokfast, clipping, Muon and QK-clip see the same gradient on every rank and keep the
+replicas identical: checked at every checkpoint). Rank 0 alone evaluates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import signal
 import time
@@ -20,6 +26,8 @@ from typing import Any
 
 import torch
 
+from forge import distributed
+from forge.distributed import SINGLE, World
 from forge.probes.suite import ProbeSuite, observing
 from forge.spec.load import ResolvedSpec
 from forge.train import checkpoint as ckpt
@@ -43,10 +51,16 @@ class Counters:
 
 class Trainer:
     def __init__(self, resolved: ResolvedSpec, run: RunDir, parts: Components, live: LiveView,
-                 log: MetricsLog, monitors: MonitorSet):
+                 log: MetricsLog | None, monitors: MonitorSet, world: World = SINGLE):
+        """`log` is None on ranks other than 0 (they write nothing)."""
         self.spec = resolved.spec
         self.spec_hash = resolved.hash
         self.run, self.parts, self.live, self.log, self.monitors = run, parts, live, log, monitors
+        self.world = world
+        self.forward_model = parts.model      # what the training forward calls: the model, or its DDP wrapper
+        if world.distributed:
+            distributed.check_batch_split(self.spec.data.batch_size, self.spec.data.grad_accum, world.size)
+            self.forward_model = self._wrap_ddp(parts.model)
         self.counters = Counters()
         self.stop_reason: str | None = None
         # "logged"/"plain": summed time and count of steps with and without metric collection (F1)
@@ -62,6 +76,19 @@ class Trainer:
         self.probes = (ProbeSuite(self.spec.probes, self.spec.model.attention.sw_window, parts.data, self.spec.run.seed)
                        if self.spec.probes.enabled else None)
 
+    def _wrap_ddp(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.data_parallel = True
+        # every parameter gets a gradient every step (the ACT term is added even at weight 0), and the graph
+        # changes with logging steps and checkpointing: no unused-parameter search, no static graph. Buffers
+        # (the ACT accuracy EMA) are updated identically on every rank from all-reduced inputs, so DDP must
+        # not overwrite them with rank 0's (the flag's name changed in torch 2.13).
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in DistributedDataParallel.__init__.__code__.co_varnames
+                else "broadcast_buffers")
+        ids = [self.parts.device.index] if self.parts.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False, **{sync: False})
+
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"counters": vars(self.counters).copy(), "optimizer": self.parts.optimizer.state_dict(),
@@ -70,8 +97,14 @@ class Trainer:
 
     def save(self) -> None:
         """Write a checkpoint (and prune old ones); with checkpoint.async_save in a background thread, from a
-        CPU snapshot taken now, while training goes on."""
+        CPU snapshot taken now, while training goes on. Under DDP every rank calls this: the replicas are
+        compared first (a collective), then rank 0 writes."""
         step = self.counters.step
+        if self.world.distributed and not distributed.replicas_identical(self.parts.model, self.parts.device):
+            raise RuntimeError(f"the {self.world.size} replicas of the model differ at step {step}: a rank-local "
+                               "update broke data parallelism (this is a bug in forge; please report it)")
+        if not self.world.main:
+            return
         meta = {"run_id": self.run.run_id, "spec_hash": self.spec_hash}
 
         def write(weights, state):
@@ -108,7 +141,8 @@ class Trainer:
         model, opt = self.parts.model, self.parts.optimizer
         step = self.counters.step
         t0 = time.perf_counter()
-        micro_batches = self.parts.loader.micro_batches(step)
+        micro_batches = [(distributed.rank_slice(i, self.world), distributed.rank_slice(t, self.world))
+                         for i, t in self.parts.loader.micro_batches(step)]
         t_data = time.perf_counter() - t0
         model.train()
         model.log_attention_stats = collect   # attn/entropy, attn/sink_count: logging steps only (F1)
@@ -117,11 +151,12 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
         with self._autocast():
-            for idx, targets in micro_batches:
+            for i, (idx, targets) in enumerate(micro_batches):
                 idx, targets = idx.to(self.parts.device), targets.to(self.parts.device)
-                out = model(idx, targets, act_loss_weight=self.act_loss_weight(step))
-                (out.loss / len(micro_batches)).backward()
-                n_tokens += targets.numel()
+                with self._no_sync(last=i == len(micro_batches) - 1):
+                    out = self.forward_model(idx, targets, act_loss_weight=self.act_loss_weight(step))
+                    (out.loss / len(micro_batches)).backward()
+                n_tokens += targets.numel() * self.world.size
                 if collect:
                     for k, v in out.metrics.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -150,20 +185,30 @@ class Trainer:
         kind[1] += 1
         if not collect:
             return {}
-        if self.spec.logging.histograms:
+        if self.spec.logging.histograms and self.log is not None:
             self.log.histograms(c.step, dict(model.named_parameters()))
         metrics = {k: v / len(micro_batches) for k, v in sums.items()}
         metrics.update(state_grads)
+        if self.world.distributed:   # model statistics are per rank (optimizer metrics are equal on every rank)
+            metrics = distributed.reduce_metrics(metrics, self.parts.device)
         metrics.update(opt.metrics())
         metrics.update({"optim/qk_clip_count": clipped, "optim/qk_clip_fraction": clipped / self._n_heads,
                         "optim/nonfinite_count": c.nonfinite_total,
                         "perf/step_time": elapsed, "perf/data_time": t_data})
         return metrics
 
+    def _no_sync(self, last: bool):
+        """DDP averages gradients in the backward of the last micro-step only (the others accumulate locally)."""
+        if self.forward_model is self.parts.model or last:
+            return contextlib.nullcontext()
+        return self.forward_model.no_sync()
+
     def _autocast(self):
-        if self.parts.device.type == "cuda" and self.spec.train.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        # bf16: autocast on CUDA and on CPU alike (CPUs with native bf16 matmuls run them several times faster
+        # than fp32; train.precision's description has the measured effect). The optimizer step runs outside it.
+        if self.spec.train.precision == "bf16":
+            return torch.autocast(self.parts.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.parts.device.type, enabled=False)
 
     # ------------------------------------------------------------------------------ logging
     def perf_metrics(self) -> dict[str, float]:
@@ -173,8 +218,9 @@ class Trainer:
                "perf/logging_fraction": self._logging_fraction(),
                "perf/data_fraction": t["data"] / max(t["train"], 1e-9),
                "config/param_count": float(sum(p.numel() for p in self.parts.model.parameters()))}
-        if self._peak_flops:
-            out["perf/mfu"] = out["perf/tokens_per_sec"] * self._flops_per_token() / self._peak_flops
+        if self._peak_flops:   # every rank has the peak measured on rank 0's device
+            out["perf/mfu"] = (out["perf/tokens_per_sec"] * self._flops_per_token()
+                               / (self._peak_flops * self.world.size))
         t["window_tokens"], t["window_time"] = 0, 0.0
         return out
 
@@ -227,24 +273,19 @@ class Trainer:
                 if self.counters.nonfinite_in_a_row >= spec.train.max_nonfinite_in_a_row:
                     self.stop_reason = (f"{self.counters.nonfinite_in_a_row} consecutive non-finite losses/gradients "
                                         f"at step {step}; run `forge diagnose {self.run.run_id}`")
-                    self.record({**metrics, "optim/nonfinite_count": self.counters.nonfinite_total})
+                    if self.world.main:
+                        self.record({**metrics, "optim/nonfinite_count": self.counters.nonfinite_total})
                     return "failed"
-                if step % spec.train.eval_every == 0 or step == stop_at:
-                    metrics.update(self.evaluate(step))
-                if spec.merge_preview.enabled and step % spec.merge_preview.every == 0:
-                    self.wait_for_checkpoint()     # the parent is the newest checkpoint on disk
-                    with observing(self.parts.model):
-                        metrics.update(merge_preview(self.parts.model, self.parts.data, self.parts.device,
-                                                     self.run.checkpoints, spec.merge_preview, spec.checkpoint.every))
-                if metrics:
-                    self.record({**metrics, **self.perf_metrics()} if collect else metrics)
-                else:
-                    self.live.step(step)
+                # rank 0 alone evaluates, probes and logs (no collectives in there: the others wait in the next step)
+                if self.world.main:
+                    self._evaluate_and_record(step, collect, metrics, last=step == stop_at)
                 if step % spec.checkpoint.every == 0 or step == stop_at:
                     self.save()
                 every = spec.train.cuda_empty_cache_every
                 if every and step % every == 0 and self.parts.device.type == "cuda":
                     torch.cuda.empty_cache()       # OOM mitigation: return cached blocks (fragmentation)
+                if self.world.distributed and distributed.any_rank(self.stop_reason is not None, self.parts.device):
+                    self.stop_reason = self.stop_reason or "stopped: a signal reached another process of the run"
                 if self.stop_reason is not None:
                     if step % spec.checkpoint.every and step != stop_at:
                         self.save()
@@ -254,6 +295,20 @@ class Trainer:
             self.wait_for_checkpoint()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _evaluate_and_record(self, step: int, collect: bool, metrics: dict[str, Any], last: bool) -> None:
+        spec = self.spec
+        if step % spec.train.eval_every == 0 or last:
+            metrics.update(self.evaluate(step))
+        if spec.merge_preview.enabled and step % spec.merge_preview.every == 0:
+            self.wait_for_checkpoint()     # the parent is the newest checkpoint on disk
+            with observing(self.parts.model):
+                metrics.update(merge_preview(self.parts.model, self.parts.data, self.parts.device,
+                                             self.run.checkpoints, spec.merge_preview, spec.checkpoint.every))
+        if metrics:
+            self.record({**metrics, **self.perf_metrics()} if collect else metrics)
+        else:
+            self.live.step(step)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """valid/* (perplexity, bits per byte, halting histogram) and the probes, without side effects on

@@ -149,7 +149,7 @@ class RunDir:
         return read_json(self.path / name)
 
 
-def environment(seed: int, device: str) -> dict[str, Any]:
+def environment(seed: int, device: str, world_size: int = 1) -> dict[str, Any]:
     """What a reader needs to reproduce the run: versions, device, code revision, seed, command."""
     import importlib.metadata as md
 
@@ -168,6 +168,7 @@ def environment(seed: int, device: str) -> dict[str, Any]:
         "device": device,
         "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "torch_threads": torch.get_num_threads(),
+        "world_size": world_size,
         "git": git_revision(),
         "seed": seed,
         "argv": sys.argv,

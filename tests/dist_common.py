@@ -27,9 +27,10 @@ OVERRIDES = ["data.grad_accum=2", "optim.grokfast.enabled=true", "optim.qk_clip.
 TAU_QUIET = 1000.0     # a QK-clip threshold no natural logit of the tiny model reaches
 
 
-def make_trainer(root: Path, run_id: str, world: World = SINGLE, create: bool = True) -> Trainer:
+def make_trainer(root: Path, run_id: str, world: World = SINGLE, create: bool = True,
+                 extra: tuple[str, ...] = ()) -> Trainer:
     """A Trainer as forge train builds it, in root/run_id (rank 0 creates the directory)."""
-    resolved = load_spec(SPEC, OVERRIDES)
+    resolved = load_spec(SPEC, [*OVERRIDES, *extra])
     parts = build_components(resolved.spec, root, world=world)     # built-in corpus: no data directory
     if create and world.main:
         RunDir.create(root, run_id)

@@ -34,6 +34,15 @@ def main(out: Path) -> None:
     write(out, "ddp10", world, status=status, clipped=trainer.counters.qk_clip_total,
           replicas=distributed.replicas_identical(trainer.parts.model, trainer.parts.device))
 
+    # the same with owner-sharded Newton-Schulz
+    trainer = make_trainer(out / "runs", "sharded10", world, extra=("optim.muon.shard_newton_schulz=true",))
+    status = trainer.run_until(10)
+    torch.save({n: p.detach() for n, p in trainer.parts.model.named_parameters()},
+               param_file(out, "sharded10", world.rank))
+    owned = sorted(set(trainer.parts.optimizer.muon._owners().values()))
+    write(out, "sharded10", world, status=status, owners=owned,
+          replicas=distributed.replicas_identical(trainer.parts.model, trainer.parts.device))
+
     trainer = make_trainer(out / "runs", "single5", world, create=False)
     trainer.restore(latest_checkpoint(out / "runs" / "single5"))
     status = trainer.run_until(10)

@@ -67,6 +67,17 @@ def test_replicas_are_bit_identical(launched):
     assert all(r["replicas"] for r in result(launched, "ddp10"))
 
 
+def test_owner_sharded_newton_schulz_matches_replicated(launched):
+    ranks = result(launched, "sharded10")
+    assert all(r["status"] == "finished" and r["replicas"] for r in ranks)
+    assert ranks[0]["owners"] == [0, 1]                                 # both ranks own matrices
+    replicated, sharded = params(launched, "ddp10"), params(launched, "sharded10")
+    assert max_diff(sharded, replicated) < TOL
+    one = read_metrics(launched / "runs" / "ddp10" / "metrics.jsonl")[-1]
+    two = read_metrics(launched / "runs" / "sharded10" / "metrics.jsonl")[-1]
+    assert two["optim/ortho_error"] == pytest.approx(one["optim/ortho_error"], rel=1e-5)
+
+
 def test_the_logged_loss_equals_the_one_process_loss(launched):
     one = {r["step"]: r for r in read_metrics(launched / "runs" / "single10" / "metrics.jsonl")}
     two = {r["step"]: r for r in read_metrics(launched / "runs" / "ddp10" / "metrics.jsonl")}

@@ -30,7 +30,7 @@ def build_optimizer(spec: OptimSpec, model: nn.Module) -> MuonGrokfast:
         m = spec.muon
         muon = Muon([_torch_group(g) for g in muon_plans], lr=spec.lr, weight_decay=spec.weight_decay, beta=m.beta,
                     nesterov=m.nesterov, ns_steps=m.ns_steps, use_svd=m.use_svd, scaling=m.scaling,
-                    ns_dtype=m.ns_dtype)
+                    ns_dtype=m.ns_dtype, shard=m.shard_newton_schulz)
     adamw = None
     if adamw_plans:
         a = spec.adamw

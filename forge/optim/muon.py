@@ -12,6 +12,11 @@ shape scale puts that back on a known footing:
   match_adamw_rms (Moonlight): 0.2 sqrt(max(rows, cols)) -> update RMS ~0.2, the RMS of a typical AdamW
       update, so an AdamW learning rate (the spec's 1e-3) means the same step size here;
   keller: sqrt(max(1, rows / cols)) -> Keller's scaling, which wants lr ~0.02.
+
+Under data parallelism every rank holds the same averaged gradient, so the momenta stay replicated. The
+Newton-Schulz iterations (the cost) either run on every rank for every matrix (replicated), or with
+shard=True on one owner rank per matrix (balanced by NS cost), which then broadcasts the updated weight:
+the same arithmetic on the same inputs, so the same weights, and momenta that never need gathering.
 """
 from __future__ import annotations
 
@@ -32,14 +37,26 @@ def update_scale(rows: int, cols: int, scaling: str) -> float:
     raise ValueError(f"unknown Muon scaling {scaling!r} (valid: match_adamw_rms, keller)")
 
 
+def _ns_cost(p: torch.Tensor) -> int:
+    rows, cols = p.shape
+    return rows * cols * min(rows, cols)
+
+
+def _rank() -> int:
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if initialised else 0
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters. Every hyperparameter is per group and comes from [optim.muon]."""
 
     def __init__(self, param_groups: list[dict], *, lr: float, weight_decay: float, beta: float, nesterov: bool,
-                 ns_steps: int, use_svd: bool, scaling: str, ns_dtype: str):
+                 ns_steps: int, use_svd: bool, scaling: str, ns_dtype: str, shard: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, beta=beta, nesterov=nesterov, ns_steps=ns_steps,
                         use_svd=use_svd, scaling=scaling, ns_dtype=ns_dtype)
         super().__init__(param_groups, defaults)
+        self.shard = shard
+        self._owner_map: dict[torch.Tensor, int] | None = None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -56,6 +73,8 @@ class Muon(torch.optim.Optimizer):
         keep = set(sample_indices(n_matrices)) if collect_metrics else set()
         sampled: list[torch.Tensor] = []
         index = 0
+        owners, rank = self._owners(), _rank()
+        sends = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -68,15 +87,44 @@ class Muon(torch.optim.Optimizer):
             if group["weight_decay"] != 0.0:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             for p, u in zip(params, updates):
-                o = orthogonalize(u, group["ns_steps"], group["use_svd"], DTYPES[group["ns_dtype"]])
-                if index in keep:
-                    sampled.append((o, u))
+                owner = owners.get(p, rank)
+                if owner == rank:
+                    o = orthogonalize(u, group["ns_steps"], group["use_svd"], DTYPES[group["ns_dtype"]])
+                    if index in keep:
+                        sampled.append((o, u))
+                    p.add_(o, alpha=-group["lr"] * update_scale(p.size(0), p.size(1), group["scaling"]))
+                if owners:
+                    sends.append(torch.distributed.broadcast(p, src=owner, async_op=True))
                 index += 1
-                p.add_(o, alpha=-group["lr"] * update_scale(p.size(0), p.size(1), group["scaling"]))
-        if not sampled:
+        for work in sends:
+            work.wait()
+        if not collect_metrics:
             return {}
-        return {"optim/ortho_error": torch.stack([ortho_error(o, u) for o, u in sampled]).mean(),
-                "optim/effective_rank": torch.stack([effective_rank_fraction(o) for o, _ in sampled]).mean()}
+        stats = torch.zeros(3, dtype=torch.float64)   # sums over the sampled matrices, then their count
+        for o, u in sampled:
+            stats += torch.stack([ortho_error(o, u).double().cpu(), effective_rank_fraction(o).double().cpu(),
+                                  torch.ones((), dtype=torch.float64)])
+        if owners:       # the sampled matrices are spread over their owners
+            torch.distributed.all_reduce(stats)
+        if stats[2] == 0:
+            return {}
+        return {"optim/ortho_error": (stats[0] / stats[2]).float(), "optim/effective_rank": (stats[1] / stats[2]).float()}
+
+    def _owners(self) -> dict[torch.Tensor, int]:
+        """With shard on under torch.distributed: the rank that orthogonalises each matrix, by greedy balance
+        of the Newton-Schulz cost (rows x cols x min(rows, cols)), largest first; identical on every rank."""
+        if not self.shard or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return {}
+        if self._owner_map is not None:
+            return self._owner_map
+        params = [p for group in self.param_groups for p in group["params"]]
+        load = [0] * torch.distributed.get_world_size()
+        owners = {}
+        for i in sorted(range(len(params)), key=lambda i: (-_ns_cost(params[i]), i)):
+            owners[params[i]] = load.index(min(load))
+            load[owners[params[i]]] += _ns_cost(params[i])
+        self._owner_map = owners
+        return owners
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]

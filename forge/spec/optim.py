@@ -27,6 +27,11 @@ class MuonSpec(Section):
     ns_dtype: NSDtype = Field("fp32", description="Newton-Schulz compute dtype (the input is normalised in fp32 "
                                                   "first): fp32 on CPU, where bf16 is refused (~50x slower); bf16 "
                                                   "allowed on CUDA. The SVD path always runs in fp32.")
+    shard_newton_schulz: bool = Field(False, description="Under data parallelism (forge train --nproc N): each "
+                                      "matrix's Newton-Schulz runs on one owner rank, which sends the updated "
+                                      "weight to the others (NS compute / N, one broadcast per matrix). Off: "
+                                      "every rank orthogonalises every matrix (replicated). Same result either "
+                                      "way; no effect on one process.")
 
 
 class GrokfastSpec(Section):

@@ -29,16 +29,18 @@ def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "FORGE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "forge-cache"),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    os.environ["FORGE_CACHE_DIR"] = env["FORGE_CACHE_DIR"]   # the references prepare the cache the workers read
-    reference = make_trainer(out / "runs", "single10")
-    assert reference.run_until(10) == "finished"
-    torch.save({n: p.detach() for n, p in reference.parts.model.named_parameters()}, param_file(out, "single10", 0))
-    assert make_trainer(out / "runs", "single5").run_until(5) == "finished"   # resumed on 2 processes
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "--max-restarts=0", str(Path(__file__).with_name("dist_worker.py")), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FORGE_CACHE_DIR", env["FORGE_CACHE_DIR"])   # the references prepare the workers' cache
+        reference = make_trainer(out / "runs", "single10")
+        assert reference.run_until(10) == "finished"
+        torch.save({n: p.detach() for n, p in reference.parts.model.named_parameters()},
+                   param_file(out, "single10", 0))
+        assert make_trainer(out / "runs", "single5").run_until(5) == "finished"   # resumed on 2 processes
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               "--max-restarts=0", str(Path(__file__).with_name("dist_worker.py")), str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        yield out
 
 
 def result(out: Path, name: str) -> list[dict]:
@@ -121,6 +123,7 @@ def test_ranks_halting_at_different_depths_run_the_same_steps(launched):
     assert r0["replicas"] and r1["replicas"]
 
 
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")   # torchrun in-process: stderr is captured
 def test_forge_train_nproc_2_end_to_end(run_cli, tmp_path, launched):
     """--nproc 2 through torch's launcher: one run directory, rank-0 metrics, the 1-process loss."""
     code, out, err = run_cli("train", str(SPECS / "tiny.toml"), "--nproc", "2", "--max-steps", "2",
@@ -148,3 +151,19 @@ def test_nproc_rejects_a_batch_that_does_not_split(run_cli, tmp_path):
     code, _, err = run_cli("train", str(SPECS / "tiny.toml"), "--nproc", "3", cwd=tmp_path)
     assert code == 2 and "data.batch_size = 8 does not split over 3 processes" in err
     assert not (tmp_path / "runs").exists()                                       # nothing written
+
+
+def test_torchrun_without_a_launching_forge_gates_on_rank_0(tmp_path, launched):
+    """The multi-node form (`torchrun ... -m forge train SPEC`), here on one node: rank 0 runs the checklist
+    and creates the run, the other ranks join it by id."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--max-restarts=0", "-m", "forge", "train", str(SPECS / "tiny.toml"), "--max-steps", "2",
+                           "--set", "logging.wandb.mode=disabled", "--set", "probes.enabled=false",
+                           "--set", "data.eval.max_batches=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = list((tmp_path / "runs").iterdir())
+    run = RunDir(path)
+    assert (run.status()["status"], run.status()["world_size"]) == ("finished", 2)
+    assert (path / "checklist.json").is_file() and [r["step"] for r in read_metrics(run.metrics_path)] == [2]

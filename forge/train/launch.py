@@ -189,9 +189,10 @@ def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | N
     root_spec = load_spec(spec_path, overrides) if spec_path else None
     root = Path(root_spec.spec.run.output_dir) if root_spec else Path("runs")
     device = root_spec.spec.train.device if root_spec else reopen(resume, root, lock=False)[0].spec.train.device
-    world = distributed.init_from_env(device)
     chosen, error, run = "", None, None
-    if world.main:
+    if int(os.environ["RANK"]) == 0:
+        # the gate before joining the process group: the checklist's real training step must not meet the
+        # collectives of the other ranks (they wait in the group's rendezvous meanwhile)
         try:
             if resume:
                 resolved, run = reopen(resume, root)
@@ -202,6 +203,7 @@ def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | N
             chosen = run.run_id if run is not None else ""
         except ForgeError as err:
             error = err
+    world = distributed.init_from_env(device)
     chosen = distributed.broadcast_text(chosen)
     if error is not None or not chosen:
         distributed.shutdown()

@@ -1,12 +1,19 @@
 """Training throughput and MFU of `forge train`'s step, with a per-component breakdown.
 
     .venv/bin/python benchmarks/bench_train_step.py [--threads 2] [--rounds 2] [--batch 8] [--quick]
+                                                    [--device cpu|cuda|auto]
 
 Per spec (phase1 and its AdamW variant, the same-size baseline, tiny and the tiny baseline; --batch sets
 data.batch_size, sequence length from the spec): the model, optimizer and schedule built from the spec
 exactly as `forge train` builds them, driven by forge.train.loop.Trainer.train_step on random tokens (the
 step's cost does not depend on the text). Cases interleave round by round; medians and mins of --rounds
 timed rounds after one warm-up round.
+
+On CPU (the default) every case trains in fp32 (train.precision = fp32, the CPU specs' setting) except
+"phase1 bf16", the phase1 spec's own bf16, which runs under CPU bf16 autocast. On CUDA (--device cuda):
+phase1, the baseline and tiny at --batch (default 32) with each spec's own precision (phase1: bf16 autocast,
+tiny: fp32), every timing between torch.cuda.synchronize() calls, plus torch.cuda.max_memory_allocated over
+one step of each case; writes results/train_step_cuda.json.
 
   step          Trainer.train_step(collect=False): the step `forge train` runs between logging steps
   logging step  Trainer.train_step(collect=True): + every metric family (amortised over logging.every)
@@ -16,7 +23,9 @@ timed rounds after one warm-up round.
                 TRM recursion, LM head + losses (deep supervision CE, ACT BCE, coherence, diversity)
 
 MFU = tokens/s x model FLOPs per token (forge.model.flops.model_flops_per_token, counted from the spec) / the
-fp32 matmul peak measured in the same process (n = 2048, best of 5). Writes benchmarks/results/train_step.json.
+matmul peak measured in the same process (best of 5; CPU n = 2048, CUDA n = 8192): `mfu` against the peak of
+the dtype the step's matmuls run in (fp32, or bf16 under autocast), and both `mfu_fp32_peak` and
+`mfu_bf16_peak`. Writes benchmarks/results/train_step.json.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from forge.model.flops import model_flops_per_token
-from common import interleaved, setup_threads, summary, table, write_result
+from common import device_sync, interleaved, resolve_device, setup_threads, summary, table, write_result
 from forge.model import build_model
 from forge.model.act import halting_loss
 from forge.model.objective import coherence_loss, diversity_penalty
@@ -38,12 +47,19 @@ from forge.train.components import Components
 from forge.train.loop import Trainer
 from forge.train.perf import matmul_peak_flops
 
-CASES = {   # name -> (spec, overrides)
-    "phase1": ("specs/phase1.toml", []),
-    "phase1 + AdamW": ("specs/phase1.toml", ["optim.name=adamw"]),
-    "baseline (AdamW)": ("specs/baseline.toml", []),
+FP32 = ["train.precision=fp32"]
+CASES = {   # name -> (spec, overrides), on CPU
+    "phase1": ("specs/phase1.toml", FP32),
+    "phase1 bf16": ("specs/phase1.toml", []),
+    "phase1 + AdamW": ("specs/phase1.toml", ["optim.name=adamw", *FP32]),
+    "baseline (AdamW)": ("specs/baseline.toml", FP32),
     "tiny": ("specs/tiny.toml", []),
     "tiny baseline (AdamW)": ("specs/tiny_baseline_local.toml", []),
+}
+CUDA_CASES = {   # on a GPU: each spec's own precision (phase1 and the baseline: bf16; tiny: fp32)
+    "phase1": ("specs/phase1.toml", []),
+    "baseline (AdamW)": ("specs/baseline.toml", []),
+    "tiny": ("specs/tiny.toml", []),
 }
 
 
@@ -59,30 +75,44 @@ class RandomTokens:
         return [(b[0][:, :-1], b[0][:, 1:]) for b in self.batches]
 
 
-def build_trainer(path: str, overrides: list[str]) -> Trainer:
+def build_trainer(path: str, overrides: list[str], device: torch.device = torch.device("cpu")) -> Trainer:
+    """The model (on `device`), optimizer and schedule as `forge train` builds them; random-token batches (on
+    CPU, moved to the device by train_step as real batches are)."""
     resolved = load_spec(path, overrides)
     spec = resolved.spec
     torch.manual_seed(spec.run.seed)
-    model = build_model(spec.model, spec.objective)
+    model = build_model(spec.model, spec.objective).to(device)
     set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
     optimizer = build_optimizer(spec.optim, model)
     loader = RandomTokens(spec.model.vocab_size, spec.data.batch_size, spec.data.seq_len, spec.data.grad_accum)
-    parts = Components(model, optimizer, build_lr_schedule(spec.train, optimizer), None, loader, torch.device("cpu"))
+    parts = Components(model, optimizer, build_lr_schedule(spec.train, optimizer), None, loader, device)
     return Trainer(resolved, None, parts, None, None, None)
 
 
-def sectioned_step(trainer: Trainer, sections: dict[str, list[float]]) -> None:
-    """The calls of train_step, timed one by one (single micro-batch specs)."""
-    model, opt, spec = trainer.parts.model, trainer.parts.optimizer, trainer.spec
+def device_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     (idx, targets), = trainer.parts.loader.micro_batches(0)
+    return idx.to(trainer.parts.device), targets.to(trainer.parts.device)
+
+
+def sectioned_step(trainer: Trainer, sections: dict[str, list[float]]) -> None:
+    """The calls of train_step, timed one by one (single micro-batch specs), under the step's autocast."""
+    model, opt, spec = trainer.parts.model, trainer.parts.optimizer, trainer.spec
+    sync = device_sync(trainer.parts.device) or (lambda: None)
+    idx, targets = device_batch(trainer)
+    sync()
     marks = [time.perf_counter()]
-    out = model(idx, targets, act_loss_weight=trainer.act_loss_weight(trainer.counters.step))
-    marks.append(time.perf_counter())
-    out.loss.backward()
+    with trainer._autocast():
+        out = model(idx, targets, act_loss_weight=trainer.act_loss_weight(trainer.counters.step))
+        sync()
+        marks.append(time.perf_counter())
+        out.loss.backward()
+    sync()
     marks.append(time.perf_counter())
     opt.step(collect_metrics=False)
+    sync()
     marks.append(time.perf_counter())
     qk_clip(model, spec.optim.qk_clip)
+    sync()
     marks.append(time.perf_counter())
     opt.zero_grad(set_to_none=True)
     for name, a, b in zip(("forward", "backward", "optimizer", "qk_clip"), marks, marks[1:]):
@@ -91,27 +121,30 @@ def sectioned_step(trainer: Trainer, sections: dict[str, list[float]]) -> None:
 
 def fwd_bwd(trainer: Trainer, track_max_logit: bool):
     model = trainer.parts.model
-    (idx, targets), = trainer.parts.loader.micro_batches(0)
+    idx, targets = device_batch(trainer)
 
     def run():
         set_max_logit_tracking(model, track_max_logit)
-        model(idx, targets).loss.backward()
+        with trainer._autocast():
+            model(idx, targets).loss.backward()
         model.zero_grad(set_to_none=True)
         set_max_logit_tracking(model, trainer.spec.optim.qk_clip.enabled)
     return run
 
 
 def component_cases(trainer: Trainer) -> dict:
-    """Forward + backward of each part of the model alone, on fixed random inputs of the step's shape."""
-    model, spec = trainer.parts.model, trainer.spec
-    (idx, targets), = trainer.parts.loader.micro_batches(0)
+    """Forward + backward of each part of the model alone, on fixed random inputs of the step's shape, under
+    the step's autocast."""
+    model, spec, device = trainer.parts.model, trainer.spec, trainer.parts.device
+    idx, targets = device_batch(trainer)
     B, T = idx.shape
     gen = torch.Generator().manual_seed(1)
 
     def leaf():
-        return torch.randn(B, T, spec.model.d_model, generator=gen).requires_grad_()
+        return torch.randn(B, T, spec.model.d_model, generator=gen).to(device).requires_grad_()
 
-    h0, y, m, x, grad = leaf(), leaf(), leaf(), leaf(), torch.randn(B, T, spec.model.d_model, generator=gen)
+    h0, y, m, x = leaf(), leaf(), leaf(), leaf()
+    grad = torch.randn(B, T, spec.model.d_model, generator=gen).to(device)
     rope = model.rope(T, idx.device)
     n_steps = model.n_steps
     step_states = [leaf() for _ in range(n_steps)]
@@ -146,35 +179,63 @@ def component_cases(trainer: Trainer) -> dict:
             loss = loss + model.step_weights[t] * F.cross_entropy(logits.flatten(0, 1), targets.flatten())
             if model.trm is not None:
                 correct = logits.detach().argmax(-1) == targets
-                loss = loss + halting_loss(model.trm.act(state), correct, torch.ones_like(correct))
+                valid = torch.ones_like(correct)
+                loss = loss + halting_loss(model.trm.act(state), correct, valid, valid.sum())
         loss.backward()
         done()
 
-    cases = {"backbone": backbone, "lm_head + losses": head_and_losses}
+    def autocast(fn):
+        def run():
+            with trainer._autocast():
+                fn()
+        return run
+
+    cases = {"backbone": autocast(backbone), "lm_head + losses": autocast(head_and_losses)}
     if model.trm is not None:
-        cases["trm"] = trm
+        cases["trm"] = autocast(trm)
     if spec.model.memory.enabled:
-        cases["memory + gate"] = memory_gate
+        cases["memory + gate"] = autocast(memory_gate)
     return cases
+
+
+def cuda_step_memory(trainer: Trainer) -> dict[str, float]:
+    """torch.cuda.max_memory_allocated over one step of this case: the peak, and its excess over what was
+    allocated before the step (the other cases' models and optimizer states stay resident in this process;
+    bench_memory.py measures one spec per process)."""
+    device = trainer.parts.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    trainer.train_step(collect=False)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"max_memory_allocated_gb": peak / 1e9, "step_peak_over_resident_gb": (peak - before) / 1e9}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8, help="data.batch_size of the phase1-size specs")
+    parser.add_argument("--batch", type=int, help="data.batch_size of the phase1-size specs (and of tiny on "
+                                                   "CUDA); default 8 on CPU, 32 on CUDA")
     parser.add_argument("--quick", action="store_true", help="tiny specs only, one round (seconds)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="auto: CUDA when present; cuda without a GPU is an error")
     args = parser.parse_args()
     setup_threads(args.threads)
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    batch = args.batch or (32 if on_cuda else 8)
     rounds = 1 if args.quick else args.rounds
 
-    names = [n for n in CASES if n.startswith("tiny")] if args.quick else list(CASES)
+    specs = CUDA_CASES if on_cuda else CASES
+    names = [n for n in specs if n.startswith("tiny")] if args.quick else list(specs)
     trainers = {}
     for name in names:
-        path, overrides = CASES[name]
-        if not name.startswith("tiny"):
-            overrides = [*overrides, f"data.batch_size={args.batch}"]
-        trainers[name] = build_trainer(path, overrides)
+        path, overrides = specs[name]
+        if on_cuda or not name.startswith("tiny"):
+            overrides = [*overrides, f"data.batch_size={batch}"]
+        trainers[name] = build_trainer(path, overrides, device)
 
     # the step of every spec, interleaved round by round; the breakdown cases of each spec next to it
     cases, sections = {}, {}
@@ -188,11 +249,15 @@ def main() -> None:
             cases[f"{name}|fwd+bwd"] = fwd_bwd(tr, track_max_logit=True)
         for part, fn in component_cases(tr).items():
             cases[f"{name}|component {part}"] = fn
-    peak = matmul_peak_flops(torch.device("cpu"), n=2048)
-    times = interleaved(cases, rounds, warmup=1)
+    n = 8192 if on_cuda else 2048
+    peaks = {p: matmul_peak_flops(device, n=n, dtype=dtype)
+             for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak = peaks["fp32"]
+    times = interleaved(cases, rounds, warmup=1, sync=device_sync(device))
     for name, s in sections.items():   # the warm-up round's sections are dropped too
         for k in s:
             s[k] = s[k][1:]
+    memory = {name: cuda_step_memory(tr) for name, tr in trainers.items()} if on_cuda else {}
 
     results, rows = {}, []
     for name, tr in trainers.items():
@@ -201,13 +266,18 @@ def main() -> None:
         flops = model_flops_per_token(spec.model, spec.data.seq_len)
         step = summary(times[f"{name}|step"])
         logging = summary(times[f"{name}|logging step"])
-        res = {"spec": CASES[name][0], "batch": spec.data.batch_size, "seq_len": spec.data.seq_len,
+        own_peak = peaks[spec.train.precision]         # the dtype the step's matmuls run in
+        res = {"spec": specs[name][0], "batch": spec.data.batch_size, "seq_len": spec.data.seq_len,
+               "device": str(device), "precision": spec.train.precision,
                "params": sum(p.numel() for p in tr.parts.model.parameters()),
                "step": step, "logging_step": logging,
                "tokens_per_s": tokens / step["median_s"], "tokens_per_s_best": tokens / step["min_s"],
                "flops_per_token": flops["total"],
-               "mfu": tokens / step["median_s"] * flops["total"] / peak,
-               "mfu_best": tokens / step["min_s"] * flops["total"] / peak,
+               "mfu": tokens / step["median_s"] * flops["total"] / own_peak,
+               "mfu_best": tokens / step["min_s"] * flops["total"] / own_peak,
+               "mfu_fp32_peak": tokens / step["median_s"] * flops["total"] / peaks["fp32"],
+               "mfu_bf16_peak": tokens / step["median_s"] * flops["total"] / peaks["bf16"],
+               **memory.get(name, {}),
                "metrics_overhead_per_logging_step_s": logging["median_s"] - step["median_s"],
                "sections_s": {k: statistics.median(v) for k, v in sections[name].items()},
                "components_s": {k.split("component ")[1]: statistics.median(v) for k, v in times.items()
@@ -216,17 +286,23 @@ def main() -> None:
             res["max_logit_tracking_s"] = (statistics.median(times[f"{name}|fwd+bwd"])
                                            - statistics.median(times[f"{name}|no max-logit fwd+bwd"]))
         results[name] = res
-        rows.append([name, f"{res['params']:,}", f"{res['batch']}x{res['seq_len']}",
-                     f"{step['median_s']:.2f}", f"{step['min_s']:.2f}", f"{res['tokens_per_s']:.0f}",
-                     f"{res['mfu']:.0%}", f"{res['flops_per_token'] / 1e6:.0f}"])
-    print(f"fp32 matmul peak (n=2048, best of 5): {peak / 1e9:.0f} GFLOP/s")
-    print(table(["spec", "params", "batch x seq", "step (s)", "min (s)", "tokens/s", "MFU", "MFLOP/token"], rows))
+        rows.append([name, res["precision"], f"{res['params']:,}", f"{res['batch']}x{res['seq_len']}",
+                     f"{step['median_s']:.3f}", f"{step['min_s']:.3f}", f"{res['tokens_per_s']:.0f}",
+                     f"{res['mfu']:.0%}", f"{res['mfu_fp32_peak']:.0%}", f"{res['mfu_bf16_peak']:.0%}",
+                     f"{res['flops_per_token'] / 1e6:.0f}"]
+                    + ([f"{res['max_memory_allocated_gb']:.2f}"] if on_cuda else []))
+    print(f"{device} matmul peaks (n={n}, best of 5): fp32 {peaks['fp32'] / 1e9:.0f}, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(table(["spec", "precision", "params", "batch x seq", "step (s)", "min (s)", "tokens/s", "MFU (own dtype)",
+                 "MFU (fp32 peak)", "MFU (bf16 peak)", "MFLOP/token"] + (["max allocated (GB)"] if on_cuda else []),
+                rows))
     for name, res in results.items():
         parts = {**res["sections_s"], **{f"c:{k}": v for k, v in res["components_s"].items()}}
         print(name, " ".join(f"{k}={v:.3f}" for k, v in parts.items()),
               f"max_logit={res.get('max_logit_tracking_s', 0):.3f} metrics={res['metrics_overhead_per_logging_step_s']:.3f}")
-    write_result("train_step_quick" if args.quick else "train_step",
-                 {"threads": args.threads, "rounds": rounds, "peak_flops": peak, "cases": results})
+    name = "train_step" + ("_cuda" if on_cuda else "") + ("_quick" if args.quick else "")
+    write_result(name, {"threads": args.threads, "rounds": rounds, "device": str(device), "peak_flops": peak,
+                        "peak_flops_by_dtype": peaks, "cases": results})
 
 
 if __name__ == "__main__":

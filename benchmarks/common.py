@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# benchmarks/gpu.sh points this elsewhere (FORGE_BENCH_RESULTS) to collect a GPU machine's results
+RESULTS = Path(os.environ.get("FORGE_BENCH_RESULTS", ROOT / "benchmarks" / "results")).resolve()
 WARMUP_ROUNDS = 2
 
 
@@ -59,17 +60,37 @@ def command() -> str:
 
 
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int,
-                warmup: int = WARMUP_ROUNDS) -> dict[str, list[float]]:
+                warmup: int = WARMUP_ROUNDS, sync: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Wall time of each case over `rounds` rounds, one call of every case per round (after `warmup` untimed
-    rounds), so that background load on a shared machine hits every case alike."""
+    rounds), so that background load on a shared machine hits every case alike. `sync` (on a GPU:
+    torch.cuda.synchronize) runs before the clock starts and before it stops: kernels are asynchronous."""
+    sync = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(warmup + rounds):
         for name, fn in cases.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def device_sync(device: torch.device) -> Callable[[], object] | None:
+    """What interleaved() must call around each timing on `device` (None on CPU: nothing to wait for)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: cpu, cuda, or auto (CUDA when present). cuda without a GPU is an error, not a CPU fallback."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -83,7 +104,7 @@ def write_result(name: str, result: dict) -> Path:
     load = dict(zip(("1min", "5min", "15min"), os.getloadavg()))   # other processes on a shared machine
     path.write_text(json.dumps({"command": command(), "machine": machine(), "load_average": load, **result},
                                indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
 
 

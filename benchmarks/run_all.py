@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("roofline", "train_step", "optim", "attention", "memory", "cli", "data", "quality")
+SCRIPTS = ("roofline", "train_step", "profile", "optimise", "optim", "attention", "memory", "cli", "data",
+           "quality")
 
 
 def main() -> None:

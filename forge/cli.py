@@ -67,7 +67,7 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
     Several processes: `forge train SPEC --nproc N` on one machine; on several machines, start
     `torchrun --nnodes ... -m forge train SPEC` on each (see README, "Training on several processes")."""
     from forge.checklist.context import default_data_dir
-    from forge.distributed import check_batch_split
+    from forge.distributed import check_batch_split, exit_worker
     from forge.errors import ForgeError
     from forge.spec.load import load_spec
     from forge.train import launch
@@ -82,7 +82,7 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
                                                force=force, max_steps=max_steps, data_dir=data_dir)
         if world.main and attach is None:   # with --nproc the launching process reports
             ui.render_run_end(result, run.path)
-        raise typer.Exit(result.exit_code)
+        exit_worker(result.exit_code)
     if attach is not None:
         raise ForgeError("--attach is internal to --nproc workers (torchrun sets RANK and WORLD_SIZE)")
     if resume:

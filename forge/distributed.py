@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,15 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()      # rank 0 finishes its writes before any process of the job exits
         dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> None:
+    """End a worker process now, after shutdown(): flush, then os._exit. A normal interpreter exit after a clean
+    destroy_process_group aborts now and then in torch's C++ teardown ("terminate called without an active
+    exception", ~1 run in 8 here with gloo, torch 2.13), which torchrun reports as a failed worker."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def current() -> World:

@@ -95,6 +95,7 @@ def main(out: Path) -> None:
           outer_steps=len(out_steps.ce_per_step), logged_share=float(metrics["act/halt_share_step0"]),
           replicas=distributed.replicas_identical(model, trainer.parts.device))
     distributed.shutdown()
+    distributed.exit_worker(0)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forge.model.attention import Attention, attention_stats
+from forge.model.attention import Attention, attention_stats, masked_scores, piece_max_logit
 from forge.model.rope import apply_rope, rope_tables
-from forge.model.window import BLOCKED_MIN_BLOCKS, AttentionPattern
+from forge.model.window import BLOCKED_MIN_BLOCKS, AttentionPattern, Piece
 
 KINDS = ("full", "sliding_window", "sliding_window_with_global")
 H, HD = 2, 8
@@ -165,6 +165,37 @@ def test_max_logit_follows_the_qk_clip_protocol(kind):
     first = attn.max_logit.clone()
     attn(x * 0.1, tables)                                # smaller logits: the running max stays
     assert torch.equal(attn.max_logit, first)
+
+
+def recomputed_max_logit(piece: Piece) -> torch.Tensor:
+    """Every allowed score of the piece, scaled, then the max per head: what piece_max_logit must equal."""
+    return masked_scores(piece).transpose(0, 1).flatten(1).amax(1)
+
+
+@pytest.mark.parametrize("kind, blocked", [("full", None), ("sliding_window", False), ("sliding_window", True),
+                                           ("sliding_window_with_global", True)])
+@pytest.mark.parametrize("chunk, block", [(16, 1), (16, 16 * 100 * H), (128, 1 << 20)])
+def test_max_logit_record_equals_the_recomputed_one(kind, blocked, chunk, block):
+    """The cheaper record (causal pieces in blocks of queries, a group of heads at a time; masks in place; the
+    scale applied to the maxima) is the max over the whole masked score matrix, to 1e-5."""
+    B, T = 3, 100                                        # T not a multiple of the chunk: a short last block
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, HD, generator=gen) * 3 for _ in range(3))
+    layout = AttentionPattern(kind, 16, 8, 4).layout(q, k, v, blocked)
+    for piece in layout.pieces:
+        torch.testing.assert_close(piece_max_logit(piece, chunk, block), recomputed_max_logit(piece),
+                                   atol=1e-5, rtol=0)
+
+
+def test_max_logit_record_is_fp32_under_bf16_autocast():
+    """Under autocast q and k arrive in bf16; the record scores them in fp32 (QK-clip compares it with tau)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, H, 64, HD, generator=gen).to(torch.bfloat16) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = piece_max_logit(Piece(q, k, k, None), chunk=16)
+    assert got.dtype == torch.float32
+    want = recomputed_max_logit(Piece(q.float(), k.float(), k.float(), None))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

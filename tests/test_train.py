@@ -241,3 +241,24 @@ def test_gradient_and_histogram_logging_follow_the_spec(run_cli, tmp_path):
     plain = RunDir(tmp_path / "runs" / "n")
     assert not (plain.path / "histograms.jsonl").exists()
     assert not any(k.startswith("grad/param/") for r in read_metrics(plain.metrics_path) for k in r)
+
+
+@pytest.mark.parametrize("precision, matmul_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_cpu_autocast_and_the_step_stays_finite(tmp_path, precision, matmul_dtype):
+    """train.precision = bf16 runs forward and backward under CPU bf16 autocast (the matmuls in bf16); the
+    weights, their gradients and the optimizer stay fp32; the loss is finite and the step updates the weights."""
+    from forge.spec.load import load_spec
+    from forge.train.components import build_components
+    from forge.train.loop import Trainer
+
+    resolved = load_spec(SPECS / "tiny.toml", [*FAST, f"train.precision={precision}"])
+    parts = build_components(resolved.spec, tmp_path)
+    trainer = Trainer(resolved, None, parts, None, None, None)
+    seen = []
+    parts.model.trm.net.blocks[0].ffn.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    before = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
+    losses = [trainer.train_step(collect=True)["loss/total"] for _ in range(2)]
+    assert all(math.isfinite(float(loss)) for loss in losses)
+    assert set(seen) == {matmul_dtype}
+    assert all(p.dtype == torch.float32 for p in parts.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in parts.model.named_parameters())

@@ -21,6 +21,7 @@ from forge.model.act import halting_loss
 from forge.model.attention import attention_modules
 from forge.model.backbone import Block
 from forge.model.gate import MAGGate
+from forge.model.loss import linear_cross_entropy
 from forge.model.memory import NeuralMemory
 from forge.model.norm import RMSNorm
 from forge.model.objective import coherence_loss, diversity_penalty, mean_pairwise_cosine
@@ -31,6 +32,9 @@ from forge.spec.model import ModelSpec
 from forge.spec.objective import ObjectiveSpec
 
 IGNORE_INDEX = -100   # target value of positions that carry no loss (padding)
+# where the deep-supervision loss uses the fused, chunked head (forge.model.loss); the GPU A/B is
+# benchmarks/bench_memory_levers.py
+FUSED_CE_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -144,8 +148,13 @@ class CognateModel(nn.Module):
         out_logits = out_ce = None
         weighted_ce, ce_per_step, accuracy, act_terms = [], [], [], []
         for t, (y, z) in enumerate(self.outer_steps(x, rope)):
-            # without targets and halting only the last step's logits are used: skip the others' LM head
-            logits = self.lm_head(y) if targets is not None or halt or t == last else None
+            # logits where they are returned: without targets the last step's (with halting every step's). On CPU
+            # a loss whose logits are not returned comes from the fused, chunked head (forge.model.loss: no
+            # vocabulary-wide tensor kept for the backward; 0.95x the phase1 step). On an H100 it costs 1.55x the
+            # step for -2.7 GB, worse than gradient checkpointing (BENCHMARKS.md), so CUDA keeps the plain head.
+            returned = (keep_logits or targets is None) and (halt or t == last)
+            fused = targets is not None and not returned and y.device.type in FUSED_CE_DEVICES
+            logits = self.lm_head(y) if returned or (targets is not None and not fused) else None
             if z is None:
                 stop = torch.ones_like(halted)
             else:
@@ -158,12 +167,19 @@ class CognateModel(nn.Module):
             halted = halted | newly
             take = newly if halt else torch.full_like(halted, t == last)   # whose output this step provides
             if targets is not None:
-                ce_tokens = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                            reduction="none").view(B, T)
-                ce = ce_tokens.sum() / n_valid
+                if fused:
+                    ce_sum, ce_flat, predicted = linear_cross_entropy(self.head_norm(y).flatten(0, 1),
+                                                                      self.tok_emb.weight, targets.flatten(),
+                                                                      IGNORE_INDEX)
+                    ce_tokens, predicted = ce_flat.view(B, T), predicted.view(B, T)
+                else:                            # the logits exist anyway: the loss from them
+                    ce_tokens = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                                reduction="none").view(B, T)
+                    ce_sum, predicted = ce_tokens.sum(), logits.detach().argmax(-1)
+                ce = ce_sum / n_valid
                 weighted_ce.append(self.step_weights[t] * ce)
                 ce_per_step.append(ce.detach())
-                correct = (logits.detach().argmax(-1) == targets) & valid
+                correct = (predicted == targets) & valid
                 accuracy.append(correct.sum() / n_valid)
                 if z is not None:
                     act_terms.append(halting_loss(halt_logits, correct, valid, n_valid))

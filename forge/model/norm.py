@@ -14,5 +14,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * weight, fused where the backend has a kernel
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # x * rsqrt(mean(x^2) + eps) * weight, fused where the backend has a kernel; that kernel wants the weight
+        # in x's dtype (a bf16 input under autocast, e.g. the memory path, would otherwise take the slow path)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)

@@ -265,7 +265,9 @@ class Trainer:
         spec = self.spec
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._peak_flops = matmul_peak_flops(self.parts.device)
+            # MFU against the peak of the precision the matmuls run in (bf16 autocast: the bf16 peak)
+            dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
+            self._peak_flops = matmul_peak_flops(self.parts.device, dtype=dtype)
             while self.counters.step < stop_at:
                 step = self.counters.step + 1  # the step about to complete
                 collect = step % spec.logging.every == 0 or step == stop_at

@@ -6,11 +6,12 @@ import time
 import torch
 
 
-def matmul_peak_flops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
-    """Measured fp32 FLOP/s of a square n x n matmul on `device` (best of `repeats`)."""
+def matmul_peak_flops(device: torch.device, n: int = 1024, repeats: int = 5,
+                      dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of a square n x n matmul in `dtype` (default fp32) on `device` (best of `repeats`)."""
     gen = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG
-    a = torch.randn(n, n, device=device, generator=gen)
-    b = torch.randn(n, n, device=device, generator=gen)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up
         if device.type == "cuda":

@@ -67,7 +67,7 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
     Several processes: `forge train SPEC --nproc N` on one machine; on several machines, start
     `torchrun --nnodes ... -m forge train SPEC` on each (see README, "Training on several processes")."""
     from forge.checklist.context import default_data_dir
-    from forge.distributed import check_batch_split, exit_worker
+    from forge.distributed import check_batch_split, exit_worker, launched_by_torchrun
     from forge.errors import ForgeError
     from forge.spec.load import load_spec
     from forge.train import launch
@@ -75,7 +75,7 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
     data_dir = data_dir or default_data_dir()
     if resume and overrides:
         raise ForgeError("--set cannot change a run being resumed; start a new run with the changed spec")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:   # a worker process started by torchrun
+    if launched_by_torchrun():   # a worker process: torchrun set RANK and WORLD_SIZE
         if nproc:
             raise ForgeError("--nproc starts torchrun itself: do not combine it with torchrun")
         result, run, world = launch.run_worker(spec, overrides or [], attach=attach, resume=resume, run_id=run_id,

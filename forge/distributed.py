@@ -85,12 +85,6 @@ def exit_worker(code: int) -> None:
     os._exit(code)
 
 
-def current() -> World:
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return SINGLE
-
-
 def check_batch_split(batch_size: int, grad_accum: int, world_size: int) -> None:
     """The global batch must split into grad_accum micro-batches of W equal rank slices."""
     if batch_size % (grad_accum * world_size):

@@ -80,7 +80,10 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
             raise ForgeError("--nproc starts torchrun itself: do not combine it with torchrun")
         result, run, world = launch.run_worker(spec, overrides or [], attach=attach, resume=resume, run_id=run_id,
                                                force=force, max_steps=max_steps, data_dir=data_dir)
-        if world.main and attach is None:   # with --nproc the launching process reports
+        if world.main and result.status == "refused":
+            ui.render_checklist(result.checklist, str(spec), load_spec(spec, overrides or []).hash)
+            ui.print_error(result.message)
+        elif world.main and attach is None:   # with --nproc the launching process reports
             ui.render_run_end(result, run.path)
         exit_worker(result.exit_code)
     if attach is not None:

@@ -175,7 +175,7 @@ def launch_workers(run: RunDir, nproc: int, *, resume: bool, max_steps: int | No
 
 
 def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | None, resume: str | None,
-               run_id: str | None, force: bool, max_steps: int | None, data_dir: Path) -> tuple[LaunchResult, RunDir, World]:
+               run_id: str | None, force: bool, max_steps: int | None, data_dir: Path) -> tuple[LaunchResult, RunDir | None, World]:
     """One process of a distributed run (torchrun set RANK/WORLD_SIZE). With `attach` (forge train --nproc) the
     launching process created the run; otherwise (torchrun ... -m forge train SPEC, e.g. on several nodes)
     rank 0 gates the spec and creates or reopens the run, and every rank joins it by the id rank 0 sends.
@@ -189,7 +189,8 @@ def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | N
     root_spec = load_spec(spec_path, overrides) if spec_path else None
     root = Path(root_spec.spec.run.output_dir) if root_spec else Path("runs")
     device = root_spec.spec.train.device if root_spec else reopen(resume, root, lock=False)[0].spec.train.device
-    chosen, error, run = "", None, None
+    # what rank 0 tells the others: "run:<id>", "refused" (a critical checklist item failed) or "error"
+    outcome, error, refused, run = "error", None, None, None
     if int(os.environ["RANK"]) == 0:
         # the gate before joining the process group: the checklist's real training step must not meet the
         # collectives of the other ranks (they wait in the group's rendezvous meanwhile)
@@ -198,18 +199,18 @@ def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | N
                 resolved, run = reopen(resume, root)
             else:
                 refused, resolved, run = start(spec_path, overrides, run_id=run_id, force=force, data_dir=data_dir)
-                if refused:
-                    error = ForgeError(refused.message)
-            chosen = run.run_id if run is not None else ""
+            outcome = "refused" if refused else f"run:{run.run_id}"
         except ForgeError as err:
             error = err
     world = distributed.init_from_env(device)
-    chosen = distributed.broadcast_text(chosen)
-    if error is not None or not chosen:
+    outcome = distributed.broadcast_text(outcome)
+    if not outcome.startswith("run:"):
         distributed.shutdown()
+        if outcome == "refused":
+            return refused or LaunchResult("refused", message="rank 0's checklist refused the spec"), run, world
         raise error or ForgeError("rank 0 could not start the run (its output has the reason)")
     if not world.main:
-        resolved, run = reopen(chosen, root, lock=False)
+        resolved, run = reopen(outcome.removeprefix("run:"), root, lock=False)
     return _train_worker(resolved, run, world, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
 
 

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from common import ROOT, resolve_device, setup_threads, table, write_result
+from common import ROOT, add_device_option, resolve_device, setup_threads, table, write_result
 
 SPECS = {"phase1": "specs/phase1.toml", "baseline (AdamW)": "specs/baseline.toml", "tiny": "specs/tiny.toml"}
 
@@ -49,8 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny spec only")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                        help="auto: CUDA when present; cuda without a GPU is an error")
+    add_device_option(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup_threads(args.threads)

@@ -1,11 +1,11 @@
 """The memory levers of the phase1 step against its time, interleaved in one process: the fused, chunked
 cross-entropy (forge.model.loss) and gradient checkpointing (train.gradient_checkpointing).
 
-    python3 benchmarks/bench_memory_levers.py --device cuda [--batch 32] [--rounds 5]   # results/memory_levers_<device>.json
+    python3 benchmarks/bench_memory_levers.py [--batch 32] [--rounds 5]   # results/memory_levers_cuda.json
 
 For every case: step time (median of the interleaved rounds) and the step's peak allocation over what was
 resident before it, plus one trainer's resident weights and optimizer state (= the peak a process holding
-only that case would reach). On CUDA; on CPU the peak RSS of a process never goes down, so use
+only that case would reach). CUDA only: on CPU the peak RSS of a process never goes down, so use
 bench_memory.py there. The design's target: < 6 GB at batch 32, seq 512.
 """
 from __future__ import annotations
@@ -31,15 +31,12 @@ CASES = {   # name: (fused cross-entropy on this device, gradient checkpointing)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     setup_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type != "cuda":
-        raise SystemExit("bench_memory_levers measures CUDA allocations: run it with --device cuda on a GPU")
+    device = resolve_device("cuda")
     plain = model_module.FUSED_CE_DEVICES
     trainers, steps = {}, {}
     for name, (fused, checkpointing) in CASES.items():
@@ -63,7 +60,7 @@ def main() -> None:
                      f"{args.batch * trainers[name].spec.data.seq_len / median:,.0f}", f"{results[name]['alone_peak_gb']:.2f}"])
     model_module.FUSED_CE_DEVICES = plain
     print(table(["case (phase1, bf16)", "step (s)", "min (s)", "tokens/s", "peak alone (GB)"], rows))
-    write_result(f"memory_levers_{device.type}", {"batch": args.batch, "seq_len": 512, "rounds": args.rounds,
+    write_result("memory_levers_cuda", {"batch": args.batch, "seq_len": 512, "rounds": args.rounds,
                                                    "resident_per_trainer_gb": resident, "cases": results})
 
 

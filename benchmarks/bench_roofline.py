@@ -18,7 +18,8 @@ import argparse
 
 import torch
 
-from common import device_sync, interleaved, resolve_device, setup_threads, summary, table, write_result
+from common import (add_device_option, device_sync, interleaved, resolve_device, setup_threads, summary, table,
+                    write_result)
 from forge.model import build_model
 from forge.model.flops import mean_attended_keys, model_flops_per_token
 from forge.optim import set_max_logit_tracking
@@ -73,8 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small matmuls, tiny specs only (seconds)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                        help="where the matmul peaks are measured (auto: CUDA when present)")
+    add_device_option(parser)                   # where the matmul peaks are measured
     args = parser.parse_args()
     setup_threads(args.threads)
     device = resolve_device(args.device)

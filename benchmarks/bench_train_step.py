@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from forge.model.flops import model_flops_per_token
-from common import device_sync, interleaved, resolve_device, setup_threads, summary, table, write_result
+from common import (add_device_option, device_sync, interleaved, resolve_device, setup_threads, summary, table,
+                    write_result)
 from forge.model import build_model
 from forge.model.act import halting_loss
 from forge.model.objective import coherence_loss, diversity_penalty
@@ -219,8 +220,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="data.batch_size of the phase1-size specs (and of tiny on "
                                                    "CUDA); default 8 on CPU, 32 on CUDA")
     parser.add_argument("--quick", action="store_true", help="tiny specs only, one round (seconds)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                        help="auto: CUDA when present; cuda without a GPU is an error")
+    add_device_option(parser)
     args = parser.parse_args()
     setup_threads(args.threads)
     device = resolve_device(args.device)

@@ -84,6 +84,11 @@ def device_sync(device: torch.device) -> Callable[[], object] | None:
     return None
 
 
+def add_device_option(parser) -> None:
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="auto: CUDA when present; cuda without a GPU is an error")
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: cpu, cuda, or auto (CUDA when present). cuda without a GPU is an error, not a CPU fallback."""
     if name == "cuda" and not torch.cuda.is_available():

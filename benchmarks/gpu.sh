@@ -28,5 +28,5 @@ run() {
 run benchmarks/bench_roofline.py --device cuda --threads "$(nproc)"
 run benchmarks/bench_train_step.py --device cuda --batch 32 --rounds 5 --threads "$(nproc)"
 run benchmarks/bench_memory.py --device cuda --batch 32 --threads "$(nproc)"
-run benchmarks/bench_memory_levers.py --device cuda --batch 32 --rounds 5 --threads "$(nproc)"
+run benchmarks/bench_memory_levers.py --batch 32 --rounds 5 --threads "$(nproc)"
 echo "results in $OUT"

@@ -33,6 +33,11 @@ COLLECTIVE_TIMEOUT = dt.timedelta(minutes=60)
 MAX_METRICS = ("attn/logit_max",)
 
 
+def initialised() -> bool:
+    """Whether this process is in a process group (torchrun worker after init_from_env)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -46,7 +51,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return initialised()
 
 
 SINGLE = World()
@@ -65,13 +70,13 @@ def init_from_env(device_setting: str) -> World:
     cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    if not initialised():
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return World(rank, size, local_rank)
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialised():
         dist.barrier()      # rank 0 finishes its writes before any process of the job exits
         dist.destroy_process_group()
 

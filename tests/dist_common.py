@@ -49,3 +49,11 @@ def latest_checkpoint(run_path: Path) -> Path:
 
 def param_file(out: Path, name: str, rank: int) -> Path:
     return out / f"{name}-rank{rank}.pt"
+
+
+def parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in trainer.parts.model.named_parameters()}
+
+
+def save_parameters(trainer: Trainer, out: Path, name: str, rank: int) -> None:
+    torch.save(parameters(trainer), param_file(out, name, rank))

@@ -11,10 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import TAU_QUIET, latest_checkpoint, make_trainer, param_file  # noqa: E402
+from dist_common import TAU_QUIET, latest_checkpoint, make_trainer, save_parameters  # noqa: E402
 
 from forge import distributed  # noqa: E402
 from forge.optim import attention_modules, qk_clip  # noqa: E402
@@ -30,15 +28,14 @@ def main(out: Path) -> None:
     # equivalence with 1 process x B (and replicas) over 10 steps; resume a 1-process checkpoint on 2
     trainer = make_trainer(out / "runs", "ddp10", world)
     status = trainer.run_until(10)
-    torch.save({n: p.detach() for n, p in trainer.parts.model.named_parameters()}, param_file(out, "ddp10", world.rank))
+    save_parameters(trainer, out, "ddp10", world.rank)
     write(out, "ddp10", world, status=status, clipped=trainer.counters.qk_clip_total,
           replicas=distributed.replicas_identical(trainer.parts.model, trainer.parts.device))
 
     # the same with owner-sharded Newton-Schulz
     trainer = make_trainer(out / "runs", "sharded10", world, extra=("optim.muon.shard_newton_schulz=true",))
     status = trainer.run_until(10)
-    torch.save({n: p.detach() for n, p in trainer.parts.model.named_parameters()},
-               param_file(out, "sharded10", world.rank))
+    save_parameters(trainer, out, "sharded10", world.rank)
     owned = sorted(set(trainer.parts.optimizer.muon._owners().values()))
     write(out, "sharded10", world, status=status, owners=owned,
           replicas=distributed.replicas_identical(trainer.parts.model, trainer.parts.device))
@@ -47,7 +44,7 @@ def main(out: Path) -> None:
     trainer.restore(latest_checkpoint(out / "runs" / "single5"))
     status = trainer.run_until(10)
     if world.main:
-        torch.save({n: p.detach() for n, p in trainer.parts.model.named_parameters()}, param_file(out, "resume12", 0))
+        save_parameters(trainer, out, "resume12", 0)
     write(out, "resume12", world, status=status, step=trainer.counters.step)
 
     # a 2-process checkpoint at step 5, resumed on 1 process by the test

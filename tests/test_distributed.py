@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_common import latest_checkpoint, make_trainer, param_file
+from dist_common import latest_checkpoint, make_trainer, param_file, parameters, save_parameters
 from conftest import SPECS
 from forge.train.metrics_log import read_metrics
 from forge.train.run_dir import RunDir
@@ -33,8 +33,7 @@ def launched(tmp_path_factory):
         patch.setenv("FORGE_CACHE_DIR", env["FORGE_CACHE_DIR"])   # the references prepare the workers' cache
         reference = make_trainer(out / "runs", "single10")
         assert reference.run_until(10) == "finished"
-        torch.save({n: p.detach() for n, p in reference.parts.model.named_parameters()},
-                   param_file(out, "single10", 0))
+        save_parameters(reference, out, "single10", 0)
         assert make_trainer(out / "runs", "single5").run_until(5) == "finished"   # resumed on 2 processes
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                                "--max-restarts=0", str(Path(__file__).with_name("dist_worker.py")), str(out)],
@@ -99,7 +98,7 @@ def test_a_checkpoint_resumes_across_world_sizes(launched):
     trainer = make_trainer(launched / "runs", "ddp5", create=False)
     trainer.restore(latest_checkpoint(launched / "runs" / "ddp5"))
     assert trainer.counters.step == 5 and trainer.run_until(10) == "finished"
-    assert max_diff({n: p.detach() for n, p in trainer.parts.model.named_parameters()}, single10) < TOL
+    assert max_diff(parameters(trainer), single10) < TOL
 
 
 def test_a_nan_on_one_rank_makes_every_rank_skip(launched):

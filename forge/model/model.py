@@ -79,6 +79,11 @@ class CognateModel(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, mean=0.0, std=spec.init_std)
 
+    @property
+    def _global_batch(self) -> bool:
+        """Training under DDP: counts and batch-level terms span every rank (collectives in the forward)."""
+        return self.data_parallel and self.training
+
     def set_gradient_checkpointing(self, mode: str) -> None:
         """train.gradient_checkpointing: "off", "backbone" (blocks) or "backbone_and_trm" (also every refiner
         application). Activations inside are recomputed in the backward pass: same loss and gradients."""
@@ -133,7 +138,7 @@ class CognateModel(nn.Module):
             attn.collect_stats, attn.entropy_grad = self.log_attention_stats, attn_entropy_reg
         rope = self.rope(T, idx.device)
         x, metrics, gate_entropy = self.encode(idx, rope)
-        dp = self.data_parallel and self.training
+        dp = self._global_batch
         metrics["embedding_diversity"] = 1 - mean_pairwise_cosine(x.detach().flatten(0, 1),
                                                                   all_reduce_sum if dp else None)
 
@@ -213,7 +218,7 @@ class CognateModel(nn.Module):
         """next_token * sum_t w_t CE_t + coherence + diversity - entropy_reg * H(gate) + act_loss_weight * BCE
         - attention_entropy * H(attention); each term also logged."""
         obj = self.objective
-        gather = gather_rows if self.data_parallel and self.training else None   # batch-level: the global batch
+        gather = gather_rows if self._global_batch else None   # batch-level: the global batch
         coherence = coherence_loss(x, obj.coherence_temperature, gather)
         diversity = diversity_penalty(x, gather)
         loss = obj.next_token * sum(weighted_ce) + obj.sequence_coherence * coherence + obj.diversity * diversity

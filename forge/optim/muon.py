@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from forge.distributed import initialised
 from forge.optim.metrics import effective_rank_fraction, ortho_error, sample_indices
 from forge.optim.newton_schulz import DTYPES, orthogonalize
 
@@ -43,8 +44,7 @@ def _ns_cost(p: torch.Tensor) -> int:
 
 
 def _rank() -> int:
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if initialised else 0
+    return torch.distributed.get_rank() if initialised() else 0
 
 
 class Muon(torch.optim.Optimizer):
@@ -113,7 +113,7 @@ class Muon(torch.optim.Optimizer):
     def _owners(self) -> dict[torch.Tensor, int]:
         """With shard on under torch.distributed: the rank that orthogonalises each matrix, by greedy balance
         of the Newton-Schulz cost (rows x cols x min(rows, cols)), largest first; identical on every rank."""
-        if not self.shard or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not self.shard or not initialised():
             return {}
         if self._owner_map is not None:
             return self._owner_map

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from forge.distributed import initialised
 from forge.spec.optim import QKClipSpec
 
 ROUNDING_TOLERANCE = 1e-5  # relative; far below any meaningful overshoot, far above fp32 rounding
@@ -62,7 +63,7 @@ def qk_clip(model: nn.Module, spec: QKClipSpec) -> int:
     if not modules:
         return 0
     maxima = torch.stack([m.max_logit.detach().float() for m in modules])  # (n_modules, n_heads)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if initialised():
         torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
     clipped = 0
     for m, head_max in zip(modules, maxima):

@@ -31,7 +31,10 @@ def repo() -> Path:
 def data_dir() -> Path:
     found = shared_data_dir()
     if found is None:
-        pytest.skip("real data samples not found: set FORGE_DATA_DIR or put shared/ beside the repository")
+        why = "real data samples not found: set FORGE_DATA_DIR or put shared/ beside the repository"
+        if os.environ.get("FORGE_REQUIRE_DATA"):   # CI (.ci/run): the real-data tests must run, never skip
+            pytest.fail(why)
+        pytest.skip(why)
     return found
 
 

@@ -62,7 +62,7 @@ def test_an_error_in_the_background_write_reaches_the_training_thread(tmp_path):
     writer = ckpt.BackgroundWriter()
     (tmp_path / "file").write_text("not a directory")
     writer.submit(ckpt.save_checkpoint, tmp_path / "file", 1, *ckpt.snapshot(small_model(), {}), {})
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointError, match="could not write checkpoint"):   # exit 2, path named
         writer.wait()
     writer.wait()                               # reported once
 

@@ -229,7 +229,8 @@ def test_step_order_grokfast_then_clip_then_update(data):
     loss_of(model, *batch(data, 64, torch.Generator().manual_seed(0))).backward()
     raw = [p.grad.clone() for p in opt.params]
     raw_norm = torch.nn.utils.get_total_norm(raw)
-    grad_norm = opt.step(collect_metrics=True)
+    assert opt.step(collect_metrics=True)
+    grad_norm = opt.metrics()["optim/grad_norm"]
     # first step: Grokfast gives (1 + lam) g, clipping then scales the whole gradient to norm 0.05
     torch.testing.assert_close(grad_norm, 1.3 * raw_norm)
     after = torch.nn.utils.get_total_norm([p.grad for p in opt.params])
@@ -263,11 +264,57 @@ def test_non_finite_gradient_skips_the_whole_step(data):
     momentum = opt.muon.state[model.up.weight]["momentum_buffer"].clone()
     loss_of(model, *batch(data, 32, gen)).backward()
     model.up.weight.grad[0, 0] = float("nan")
-    assert not torch.isfinite(opt.step())
+    assert not opt.step()
     assert all(torch.equal(w, p) for w, p in zip(weights, opt.params))
     assert all(torch.equal(a, b) for a, b in zip(ema, opt.grokfast.ema))
     assert torch.equal(momentum, opt.muon.state[model.up.weight]["momentum_buffer"])
     assert opt.skipped_steps == 1 and opt.steps == 1
+
+
+def _everything(opt) -> list[torch.Tensor]:
+    """Weights, every inner optimizer state tensor and the Grokfast EMA, copied."""
+    tensors = [p.detach().clone() for p in opt.params]
+    for inner in opt.inner:
+        tensors += [v.clone() for st in inner.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return tensors + [e.clone() for e in opt.grokfast.ema if e is not None]
+
+
+@pytest.mark.parametrize("poison", ["lr_inf", "lam_1e38"])
+def test_non_finite_update_or_filtered_gradient_is_undone_and_counted(data, poison):
+    """Issue 14: a finite raw gradient can still give non-finite weights (lr = inf) or a non-finite filtered
+    gradient (lam = 1e38): the step is undone whole (weights, momenta, moments, EMA) and counted as skipped."""
+    model = TinyLM()
+    opt = build_optimizer(optim_spec(), model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        loss_of(model, *batch(data, 32, gen)).backward()
+        assert opt.step()
+        opt.zero_grad()
+    before = _everything(opt)
+    if poison == "lr_inf":
+        for group in opt.param_groups:
+            group["lr"] = float("inf")
+    else:
+        opt.grokfast.lam = 1e38
+    loss_of(model, *batch(data, 32, gen)).backward()
+    assert not opt.step(collect_metrics=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, _everything(opt)))
+    assert opt.skipped_steps == 1 and opt.steps == 2 and opt.metrics()["optim/skipped_steps"] == 1
+    # what is logged is finite (no null ratio for diagnose to misread); an overflowed filter logs no ratio
+    assert all(math.isfinite(float(v)) for v in opt.metrics().values())
+    assert (poison == "lam_1e38") == ("optim/grad_ema_ratio" not in opt.metrics())
+
+
+def test_first_step_undone_leaves_no_optimizer_state(data):
+    model = TinyLM()
+    opt = build_optimizer(optim_spec(), model)
+    for group in opt.param_groups:
+        group["lr"] = float("inf")
+    loss_of(model, *batch(data, 32, torch.Generator().manual_seed(0))).backward()
+    weights = [p.detach().clone() for p in opt.params]
+    assert not opt.step()
+    assert all(torch.equal(w, p) for w, p in zip(weights, opt.params))
+    assert not any(inner.state for inner in opt.inner) and all(e is None for e in opt.grokfast.ema)
 
 
 # ------------------------------------------------------------------------------------------ lr schedule

@@ -3,13 +3,19 @@
 One call to step() runs, in this order (the trainer calls backward, possibly for several
 micro-batches, and the data-parallel gradient average before it, and qk_clip after it):
 
-    1. raw gradient norm; a non-finite gradient skips the whole step (nothing is updated, the
-       Grokfast EMA and the momenta included, so one bad batch cannot poison them)
+    1. raw gradient norm; a non-finite gradient skips the whole step
     2. Grokfast: g <- g + lam * EMA(g), once per optimizer step           (D1)
     3. clip the global gradient norm to grad_clip (the norm is measured after Grokfast, before clipping)
     4. Muon update of the hidden matrices, AdamW update of the rest        (D2)
+    5. one fused finiteness check over the updated weights
 
-After step(), p.grad holds the filtered and clipped gradient.
+A step is skipped when the raw gradient (1), the filtered gradient (2: a huge lam overflows it) or the
+updated weights (5: an lr of inf, an overflow in the update) are not finite. A skipped step changes
+nothing: the weights, the momenta and moments and the Grokfast EMA are restored from the copy kept before
+step 2, so one bad batch or setting cannot poison them, and a checkpoint never holds what it produced.
+skipped_steps counts every skipped step, whatever the cause; step() returns whether the update was applied.
+
+After an applied step, p.grad holds the filtered and clipped gradient.
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ class MuonGrokfast:
         self.params = [p for opt in self.inner for group in opt.param_groups for p in group["params"]]
         self.grad_clip = grad_clip
         self.steps = 0           # updates applied
-        self.skipped_steps = 0   # steps skipped for a non-finite gradient
+        self.skipped_steps = 0   # steps skipped: non-finite gradient, filtered gradient or updated weights
         self._metrics: dict[str, Any] = {}
+        self._kept: _KeptCopy | None = None
 
     @property
     def param_groups(self) -> list[dict]:
@@ -52,9 +59,9 @@ class MuonGrokfast:
             opt.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self, collect_metrics: bool = False) -> torch.Tensor:
-        """Grokfast -> clip -> update (see the module docstring). Returns the pre-clip gradient norm;
-        when it is not finite the step was skipped and nothing changed.
+    def step(self, collect_metrics: bool = False) -> bool:
+        """Grokfast -> clip -> update -> finiteness check (see the module docstring). Returns True when the
+        update was applied, False when the step was skipped (nothing changed).
 
         collect_metrics adds the costly diagnostics (EMA norm, orthogonality, effective rank) to
         metrics(); leave it off except on logging steps (F1).
@@ -65,11 +72,15 @@ class MuonGrokfast:
         raw_norm = torch.nn.utils.get_total_norm(grads)
         metrics: dict[str, Any] = {"optim/grad_raw_norm": raw_norm}
         if not torch.isfinite(raw_norm):
-            return self._skip(raw_norm, metrics)
+            return self._skip(metrics)
+        self._kept = _KeptCopy.of(self, self._kept)
         grad_norm = raw_norm
         if self.grokfast is not None:
             self.grokfast.apply_()
             grad_norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(grad_norm):   # lam * EMA overflowed
+                self._kept.restore(self)
+                return self._skip(metrics)
             if collect_metrics:
                 # design band 1.0-1.5: how much the filter g + lam * g_ema amplifies the raw gradient
                 # (lam 0.3 with an aligned EMA gives ~1.3; far above 1.5 the slow component dominates, D1)
@@ -77,21 +88,26 @@ class MuonGrokfast:
                 metrics["optim/grad_ema_ratio"] = grad_norm / raw_norm
         metrics["optim/grad_norm"] = grad_norm
         torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
+        update_metrics = {}
         if self.muon is not None:
-            metrics.update(self.muon.step(collect_metrics=collect_metrics))
+            update_metrics = self.muon.step(collect_metrics=collect_metrics)
         if self.adamw is not None:
             self.adamw.step()
+        if not all_finite(self.params):
+            self._kept.restore(self)
+            return self._skip(metrics)
+        metrics.update(update_metrics)
         for group in self.param_groups:
             metrics[f"optim/lr_{group['name']}"] = group["lr"]
         self.steps += 1
         self._metrics = metrics
-        return grad_norm
+        return True
 
-    def _skip(self, norm: torch.Tensor, metrics: dict[str, Any]) -> torch.Tensor:
+    def _skip(self, metrics: dict[str, Any]) -> bool:
         self.skipped_steps += 1
         metrics["optim/skipped_steps"] = self.skipped_steps
         self._metrics = metrics
-        return norm
+        return False
 
     def metrics(self) -> dict[str, Any]:
         """Metrics of the last step: grad norms, lr applied per group (optim/lr_<group>) and, if that
@@ -138,3 +154,48 @@ class MuonGrokfast:
             raise ForgeError(f"optimizer state does not fit this model/spec: {err}") from None
         self.steps = state["steps"]
         self.skipped_steps = state["skipped_steps"]
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One fused pass over `tensors` (multiplying by 1.0 in place changes no value): True if none holds NaN/inf."""
+    found = torch.zeros(1, device=tensors[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=found.device))
+    return not bool(found.item())
+
+
+class _KeptCopy:
+    """The weights, the inner optimizers' state tensors and the Grokfast EMA as they were before an update,
+    copied into buffers kept from step to step (one fused copy each way), so that a step whose result is
+    not finite can be undone. States created by the undone step (the first one) are removed again."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        self.live = live
+        self.saved = [t.detach().clone() for t in live]
+        self.state_keys: list[set] = []
+        self.ema_started: list[bool] = []
+
+    @classmethod
+    def of(cls, opt: MuonGrokfast, previous: "_KeptCopy | None") -> "_KeptCopy":
+        live = list(opt.params)
+        for inner in opt.inner:
+            for state in inner.state.values():
+                live.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        if opt.grokfast is not None:
+            live.extend(e for e in opt.grokfast.ema if e is not None)
+        if previous is not None and len(previous.live) == len(live) and \
+                all(a is b for a, b in zip(previous.live, live)):
+            kept = previous
+            torch._foreach_copy_(kept.saved, live)
+        else:   # the first step, or state tensors were created or replaced (a load_state_dict)
+            kept = cls(live)
+        kept.state_keys = [set(inner.state) for inner in opt.inner]
+        kept.ema_started = [e is not None for e in opt.grokfast.ema] if opt.grokfast is not None else []
+        return kept
+
+    def restore(self, opt: MuonGrokfast) -> None:
+        torch._foreach_copy_(self.live, self.saved)
+        for inner, keys in zip(opt.inner, self.state_keys):
+            for p in [p for p in inner.state if p not in keys]:
+                del inner.state[p]
+        if opt.grokfast is not None:
+            opt.grokfast.ema = [e if started else None for e, started in zip(opt.grokfast.ema, self.ema_started)]

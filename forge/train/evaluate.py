@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from forge.errors import ForgeError
 from forge.train import checkpoint as ckpt
 from forge.train.merge import merge_state_dicts
 
@@ -70,9 +71,24 @@ def halting_histogram(totals: dict[str, dict], prefix: str) -> dict[str, float]:
     return {f"{prefix}share_step{t}": c / total for t, c in enumerate(counts)} if total else {}
 
 
+class NonFiniteWeights(ForgeError):
+    pass
+
+
+def check_finite_weights(model, what: str = "the model") -> None:
+    """Refuse to evaluate (or sample from) weights holding NaN/inf: every number would be meaningless, and
+    sampling would fail on a NaN probability."""
+    bad = ckpt.nonfinite_tensors(model.state_dict())
+    if bad:
+        raise NonFiniteWeights(f"{what} has non-finite weights ({', '.join(bad[:3])}"
+                               f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); not evaluated. Resume "
+                               "from a checkpoint (each holds finite weights): forge train --resume RUN_ID")
+
+
 def evaluate(model, data, device) -> dict[str, float]:
     """valid/* at full depth (every outer step runs) and valid/halt/* under ACT halting, with the halting
-    histogram valid/halt/share_step{t}."""
+    histogram valid/halt/share_step{t}. NonFiniteWeights if the weights are not finite."""
+    check_finite_weights(model)
     was_training = model.training
     model.eval()
     try:
@@ -86,6 +102,7 @@ def evaluate(model, data, device) -> dict[str, float]:
 
 
 def perplexity(model, data, device) -> float:
+    check_finite_weights(model)
     was_training = model.training
     model.eval()
     try:
@@ -120,7 +137,7 @@ def merge_preview(model, data, device, checkpoints: Path, spec, every: int) -> d
     """During training: merge the current weights with the newest regular checkpoint (a multiple of
     checkpoint.every: not an extra one written by a stop, so a resumed run merges with the same parent
     as an uninterrupted one) and score the merge (score_merge)."""
-    regular = [p for p in ckpt.list_checkpoints(checkpoints) if ckpt.step_of(p) % every == 0
+    regular = [p for p in ckpt.list_checkpoints(checkpoints, report=lambda _: None) if ckpt.step_of(p) % every == 0
                and ckpt.verify(p) is None]
     if not regular:
         return {}
@@ -134,9 +151,9 @@ def merge_checkpoints(run_path: Path, step_a: int, step_b: int, method: str, t: 
     from forge.data import build_data
     from forge.errors import ForgeError
     from forge.model import build_model
-    from forge.spec.load import load_spec
+    from forge.train.run_dir import RunDir
 
-    spec = load_spec(run_path / "spec.toml").spec
+    spec = RunDir(run_path).resolved_spec().spec
     paths = []
     for step in (step_a, step_b):
         path = run_path / "checkpoints" / ckpt.step_dir_name(step)

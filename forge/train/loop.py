@@ -3,11 +3,12 @@
 One optimizer step:
     for each of grad_accum micro-batches: forward (deep supervision + composite objective; ACT loss
         weight 0 before act.warmup_steps) -> backward of loss / grad_accum
-    optimizer.step(): non-finite check -> Grokfast -> clip -> Muon/AdamW   (forge.optim)
+    optimizer.step(): non-finite check -> Grokfast -> clip -> Muon/AdamW -> finite-weights check (forge.optim)
     qk_clip(model) -> heads clipped                                       (after the update)
     schedule.step(): the lr of the next step
-A non-finite gradient skips the update (counted: optim/nonfinite_count); max_nonfinite_in_a_row of
-them stop the run as failed. SIGINT/SIGTERM finish the current step, write a checkpoint and mark
+A step whose loss, gradient, filtered gradient or updated weights are not finite is undone whole by the
+optimizer (counted: optim/nonfinite_count = the optimizer's skipped steps); max_nonfinite_in_a_row of them
+stop the run as failed. So the weights stay finite and so does every checkpoint. SIGINT/SIGTERM finish the current step, write a checkpoint and mark
 the run interrupted.
 
 Under torchrun (forge.distributed) the model is wrapped in DDP: each rank trains on its slice of every
@@ -28,6 +29,7 @@ import torch
 
 from forge import distributed
 from forge.distributed import SINGLE, World
+from forge.errors import ForgeError
 from forge.probes.suite import ProbeSuite, observing
 from forge.spec.load import ResolvedSpec
 from forge.train import checkpoint as ckpt
@@ -47,6 +49,23 @@ class Counters:
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
     qk_clip_total: int = 0
+
+
+def restore(parts: Components, path) -> Counters:
+    """Load checkpoint `path` into the model, optimizer, schedule, data loader and RNG; its counters.
+    CheckpointError (a ForgeError) if it does not load or does not fit this run's components."""
+    state, _ = ckpt.load_checkpoint(path, parts.model)
+    try:
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.schedule.load_state_dict(state["schedule"])
+        parts.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        return Counters(**state["counters"])
+    except ForgeError as err:
+        raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {err}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ckpt.CheckpointError(f"checkpoint {path} holds an unusable state.pt: {type(err).__name__}: "
+                                   f"{err}") from None
 
 
 class Trainer:
@@ -123,12 +142,7 @@ class Trainer:
             self._writer.wait()
 
     def restore(self, path) -> None:
-        state, meta = ckpt.load_checkpoint(path, self.parts.model)
-        self.parts.optimizer.load_state_dict(state["optimizer"])
-        self.parts.schedule.load_state_dict(state["schedule"])
-        self.parts.loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        self.counters = Counters(**state["counters"])
+        self.counters = restore(self.parts, path)
 
     # ------------------------------------------------------------------------------ one step
     def act_loss_weight(self, step: int) -> float:
@@ -164,8 +178,7 @@ class Trainer:
         if collect and self.spec.logging.gradients:   # raw gradients, before Grokfast and clipping
             state_grads.update({f"grad/param/{n}": p.grad.norm() for n, p in model.named_parameters()
                                 if p.grad is not None})
-        norm = opt.step(collect_metrics=collect)
-        finite = bool(torch.isfinite(norm))
+        finite = opt.step(collect_metrics=collect)
         clipped = qk_clip(model, self.spec.optim.qk_clip) if finite else 0
         opt.zero_grad(set_to_none=True)
         self.parts.schedule.step()
@@ -273,8 +286,10 @@ class Trainer:
                 collect = step % spec.logging.every == 0 or step == stop_at
                 metrics = self.train_step(collect)
                 if self.counters.nonfinite_in_a_row >= spec.train.max_nonfinite_in_a_row:
-                    self.stop_reason = (f"{self.counters.nonfinite_in_a_row} consecutive non-finite losses/gradients "
-                                        f"at step {step}; run `forge diagnose {self.run.run_id}`")
+                    self.stop_reason = (f"{self.counters.nonfinite_in_a_row} consecutive non-finite steps (loss, "
+                                        f"gradient or update; each undone) at step {step}; the weights and "
+                                        f"checkpoints are those of the last finite step; run "
+                                        f"`forge diagnose {self.run.run_id}`")
                     if self.world.main:
                         self.record({**metrics, "optim/nonfinite_count": self.counters.nonfinite_total})
                     return "failed"

@@ -34,9 +34,11 @@ def check(spec: Path = typer.Argument(..., help="Spec TOML file."),
           data_dir: Optional[Path] = DataDirOption) -> None:
     """Validate SPEC, then run its before-first-run checklist (exit 1 if a critical item fails)."""
     from forge.checklist.runner import run_checklist
+    from forge.spec.budget import check_memory_budget
     from forge.spec.load import load_spec
 
     resolved = load_spec(spec, overrides or [])
+    check_memory_budget(resolved.spec)    # before the checklist allocates the model
     result = run_checklist(resolved, data_dir=data_dir)
     if as_json:
         ui.print_json({"spec": str(spec), "spec_hash": resolved.hash, **result.to_json()})
@@ -51,6 +53,9 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
           run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id [default: <name>-<date>-<hex>]."),
           resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID",
                                                help="Continue RUN_ID from its newest valid checkpoint."),
+          from_step: Optional[int] = typer.Option(None, "--from-step", min=0, metavar="N",
+                                                  help="With --resume: continue from the checkpoint at step N "
+                                                       "(later checkpoints move to <run>/abandoned/)."),
           max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                                   help="Stop at this step (the lr schedule still follows "
                                                        "train.max_steps)."),
@@ -73,6 +78,10 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
     from forge.train import launch
 
     data_dir = data_dir or default_data_dir()
+    if from_step is not None and not resume:
+        raise ForgeError("--from-step N needs --resume RUN_ID")
+    if from_step is not None and nproc:
+        raise ForgeError("--from-step is not supported with --nproc: resume from step N on one process first")
     if resume and overrides:
         raise ForgeError("--set cannot change a run being resumed; start a new run with the changed spec")
     if launched_by_torchrun():   # a worker process: torchrun set RANK and WORLD_SIZE
@@ -108,7 +117,8 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
         result = launch.launch_workers(run, nproc, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
         run.unlock()
     else:
-        result = launch.train(resolved, run, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
+        result = launch.train(resolved, run, resume=bool(resume), max_steps=max_steps, data_dir=data_dir,
+                              from_step=from_step)
     ui.render_run_end(result, run.path)
     raise typer.Exit(result.exit_code)
 
@@ -310,14 +320,36 @@ def _register_groups() -> None:
     app.add_typer(data_app, name="data")
 
 
+def _plain_forge_warnings() -> None:
+    """forge's own warnings (a checkpoint skipped, a stray directory ignored) as `warning: ...` lines."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "forge_plain", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category is UserWarning and f"{os.sep}forge{os.sep}" in filename:
+            sys.stderr.write(f"warning: {message}\n")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.forge_plain = True
+    warnings.showwarning = show
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    from forge.errors import ForgeError
+    """The error boundary: bad input (ForgeError), and what the filesystem or the machine refuses while reading
+    or writing specs, data, run directories and checkpoints (OSError, UnicodeError, MemoryError), end with
+    one message naming the path and what to do, and exit code 2; FORGE_DEBUG=1 shows the traceback."""
+    from forge.errors import ForgeError, environment_error
 
     _register_groups()
+    _plain_forge_warnings()
     try:
         app(args=argv)  # Typer handles usage errors (exit 2) and typer.Exit itself
-    except ForgeError as err:
+    except (ForgeError, OSError, UnicodeError, MemoryError) as err:
         if os.environ.get("FORGE_DEBUG"):
             raise
-        ui.print_error(str(err))
-        sys.exit(err.exit_code)
+        ui.print_error(str(err) if isinstance(err, ForgeError) else environment_error(err))
+        sys.exit(err.exit_code if isinstance(err, ForgeError) else 2)

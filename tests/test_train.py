@@ -58,7 +58,7 @@ def test_tiny_run_end_to_end(run_cli, tmp_path):
     assert run.status()["status"] == "finished" and run.status()["step"] == 8
     lineage = run.read("lineage.json")
     assert lineage["forced"] is True and "train.eval_every=4" in lineage["overrides"]
-    env = run.read("environment.json")
+    (env,) = run.read("environment.json")   # one record per launch
     assert env["packages"]["torch"] and env["seed"] == 1337 and env["device"] == "cpu"
     assert [p.name for p in ckpt.list_checkpoints(run.checkpoints)] == ["step-0000004", "step-0000008"]
     records = read_metrics(run.metrics_path)

@@ -171,14 +171,29 @@ def _local_texts(source: LocalSource, files: list[Path], cache_dir: Path) -> Tex
     parts = []
     for path in files:
         extra = {"sample_by": "document"} if source.format == "text" else {}
+        if path.stat().st_size == 0:
+            raise ForgeError(f"data source {source.name!r}: {path} is empty; remove it or fix the source's paths")
         try:
             table = datasets.load_dataset(_LOADERS[source.format], data_files=[str(path)], split="train",
                                           cache_dir=str(cache_dir / "hf"), **extra)
         except Exception as err:  # datasets wraps parse errors in several types; all are bad input here
-            raise ForgeError(f"data source {source.name!r}: cannot read {path} as {source.format}: "
-                             f"{type(err).__name__}: {_first_line(err)}") from None
+            decode = _cause(err, UnicodeDecodeError)
+            why = (f"not UTF-8 text (byte {decode.start} of a block: {decode.object[decode.start:decode.start + 1]!r})"
+                   if decode else f"{type(err).__name__}: {_first_line(err)}")
+            raise ForgeError(f"data source {source.name!r}: cannot read {path} as {source.format}: {why}") from None
         parts.append(_arrow_part(source, table, str(path)))
     return Texts(parts)
+
+
+def _cause(err: BaseException, kind: type) -> BaseException | None:
+    """The first exception of type `kind` in err's chain of causes (datasets wraps the reader's error)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _arrow_part(source: Source, table, where: str) -> _ArrowPart:

@@ -1,7 +1,6 @@
 """Diagnose one run directory: its metrics, checklist warnings, status, spec and checkpoints."""
 from __future__ import annotations
 
-import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ def run_facts(run: RunDir, last_step: int) -> dict:
 
 def diagnose_run(run: RunDir) -> Diagnosis:
     records = read_metrics(run.metrics_path)
-    spec = tomllib.loads((run.path / "spec.toml").read_text(encoding="utf-8"))
+    spec = run.spec_data()
     status = run.status() or {}
     last_step = records[-1]["step"] if records else 0
     rules = load_rules(checklist_dir() / "diagnose.toml")

@@ -27,10 +27,10 @@ def load_run_model(run_path: Path, step: int | None = None):
 
     from forge.data.tokenizer import Tokenizer
     from forge.model import build_model
-    from forge.spec.load import load_spec
     from forge.train import checkpoint as ckpt
+    from forge.train.run_dir import RunDir
 
-    spec = load_spec(run_path / "spec.toml").spec
+    spec = RunDir(run_path).resolved_spec().spec
     root = run_path / "checkpoints"
     if step is None:
         path = ckpt.latest_valid(root)

@@ -3,7 +3,6 @@ imports the training code: it reads the run directory)."""
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,7 @@ class RunRecord:
 
     @classmethod
     def load(cls, run: RunDir) -> "RunRecord":
-        spec = tomllib.loads((run.path / "spec.toml").read_text(encoding="utf-8"))
+        spec = run.spec_data()
         checklist = run.read("checklist.json") if (run.path / "checklist.json").is_file() else {}
         return cls(run, read_metrics(run.metrics_path), spec, run.status() or {}, checklist)
 

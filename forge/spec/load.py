@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from pydantic import BaseModel, ValidationError
 
@@ -59,9 +59,14 @@ def spec_hash(spec: Spec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ResolvedSpec:
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+              migrate: Callable[[dict], None] | None = None) -> ResolvedSpec:
+    """`migrate` brings the data of an older run's spec.toml up to date before validation
+    (forge.train.run_dir.SPEC_MIGRATIONS)."""
     path = Path(path)
     data, origins, chain = _read_chain(path, ())
+    if migrate is not None:
+        migrate(data)
     for assignment in overrides:
         _apply_override(data, origins, assignment)
     try:
@@ -86,11 +91,19 @@ def _read_chain(path: Path, seen: tuple[Path, ...], named_at: Origin | None = No
     if real in seen:
         cycle = " -> ".join(_display(p) for p in (*seen, real))
         raise SpecError([Problem(str(named_at), "extends", f"cyclic extends: {cycle}", str(path))])
+    where = str(named_at) if named_at else shown
     if not path.is_file():
-        where = str(named_at) if named_at else shown
         raise SpecError([Problem(where, "extends" if named_at else "",
                                  f"spec file not found: {shown}")])
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise SpecError([Problem(str(Origin(shown, line)), "", f"not UTF-8 text (byte {err.start}: "
+                                 f"{err.object[err.start:err.start + 1]!r}); a spec is a UTF-8 TOML file")]) from None
+    except OSError as err:
+        raise SpecError([Problem(where, "extends" if named_at else "",
+                                 f"cannot read {shown}: {err.strerror or err}")]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -42,7 +42,7 @@ class GrokfastSpec(Section):
 
 class QKClipSpec(Section):
     enabled: bool = Field(True, description="Rescale W_Q/W_K of heads whose max attention logit exceeds tau.")
-    tau: PositiveFloat = Field(description="Max-logit threshold (inf disables clipping).")
+    tau: PositiveFloat = Field(description="Max-logit threshold (finite; enabled = false disables clipping).")
     per_head: bool = Field(description="Clip per head (true) or per layer with the layer's max (false).")
     mlarope_shared_k_protected: bool = Field(description="Never rescale the (shared) rotary key; the query side "
                                                          "takes the full factor instead.")

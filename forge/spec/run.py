@@ -9,7 +9,8 @@ from forge.spec.base import Section
 class RunSpec(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="Experiment name; prefix of every run id (letters, digits, _ . -).")
-    seed: int = Field(ge=0, description="The one seed of the run: model init, data order, sampling.")
+    seed: int = Field(ge=0, le=2**63 - 1, description="The one seed of the run: model init, data order, sampling "
+                                                      "(0 .. 2**63 - 1: what torch.manual_seed accepts).")
     output_dir: str = Field("runs", min_length=1,
                             description="Directory (relative to the working directory) that holds runs/<run-id>/.")
     checklist: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",

@@ -23,7 +23,8 @@ class TrainSpec(Section):
                             "loss within 0.02% of fp32 over 50 steps; on other CPUs it can be slower. The CPU specs "
                             "(tiny, local) say fp32.")
     max_nonfinite_in_a_row: PositiveInt = Field(10, description="Stop the run (status failed) after this many "
-                                                                "consecutive non-finite losses/gradients.")
+                                                                "consecutive non-finite steps (loss, gradient "
+                                                                "or update; each one is undone).")
     gradient_checkpointing: Literal["off", "backbone", "backbone_and_trm"] = Field(
         "off", description="Recompute activations in the backward pass instead of storing them (OOM mitigation): "
                            "backbone blocks, or also every application of the TRM refiner. Same loss and "

@@ -1,6 +1,7 @@
 """`forge train`: gate the spec, set up (or reopen) the run directory, train, record the outcome."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import traceback
@@ -13,7 +14,7 @@ from forge.errors import ForgeError
 from forge.spec.load import ResolvedSpec, load_spec
 from forge.spec.render import resolved_toml
 from forge.train import checkpoint as ckpt
-from forge.train.run_dir import RunDir, environment, new_run_id
+from forge.train.run_dir import RUN_FORMAT, RunDir, check_writable, environment, new_run_id
 
 EXIT = {"finished": 0, "failed": 1, "interrupted": 130}
 
@@ -36,27 +37,42 @@ def _file_sha256(path: Path) -> str:
 
 
 def lineage(resolved: ResolvedSpec, force: bool) -> dict:
-    return {"spec_file": str(resolved.path), "spec_hash": resolved.hash,
+    return {"run_format": RUN_FORMAT, "spec_file": str(resolved.path), "spec_hash": resolved.hash,
             "chain": [{"path": str(p), "sha256": _file_sha256(p)} for p in resolved.chain],
             "overrides": list(resolved.overrides), "forced": force}
 
 
 def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: bool,
           data_dir: Path) -> tuple[LaunchResult | None, ResolvedSpec, RunDir | None]:
-    """Validate and gate a new run; create its directory. Returns (refusal, resolved, run dir)."""
+    """Validate and gate a new run; create its directory. Returns (refusal, resolved, run dir). What can fail
+    on the filesystem or the machine is checked before the checklist (which takes seconds), and a directory
+    whose records cannot all be written is removed again."""
+    from forge.spec.budget import check_memory_budget
+
     resolved = load_spec(spec_path, overrides)
+    root = Path(resolved.spec.run.output_dir)
+    check_writable(root)
+    if run_id and (root / run_id).exists():
+        raise ForgeError(f"run directory {root / run_id} already exists; resume it with --resume {run_id}")
+    check_memory_budget(resolved.spec)
     result = run_checklist(resolved, data_dir=data_dir)
     if not result.ok and not force:
         failed = ", ".join(r.id for r in result.critical_failures)
         return LaunchResult("refused", None, result, f"critical checklist items failed: {failed} "
                                                      "(fix the spec, or --force to launch anyway)"), resolved, None
-    root = Path(resolved.spec.run.output_dir)
     run = RunDir.create(root, run_id or new_run_id(resolved.spec.run.name))
-    run.lock()
-    run.write("spec.toml", resolved_toml(resolved))
-    run.write("lineage.json", lineage(resolved, force))
-    run.write("checklist.json", result.to_json())
-    run.set_status("running", step=0, spec_hash=resolved.hash)
+    try:
+        run.lock()
+        run.write("spec.toml", resolved_toml(resolved))
+        run.write("lineage.json", lineage(resolved, force))
+        run.write("checklist.json", result.to_json())
+        run.set_status("running", step=0, spec_hash=resolved.hash)
+    except BaseException as err:
+        run.discard()
+        if isinstance(err, OSError):
+            raise ForgeError(f"cannot write the records of run {run.run_id} under {root}: {err} (check free space "
+                             "and permissions)") from None
+        raise
     return None, resolved, run
 
 
@@ -66,18 +82,34 @@ def reopen(run_id: str, output_dir: Path, lock: bool = True) -> tuple[ResolvedSp
     run = RunDir.open(output_dir, run_id)
     if lock:
         run.lock()
-    resolved = load_spec(run.path / "spec.toml")
-    recorded = run.read("lineage.json")["spec_hash"]
-    if resolved.hash != recorded:
+    try:
+        return _verified_spec(run), run
+    except BaseException:
+        run.unlock()
+        raise
+
+
+def _verified_spec(run: RunDir) -> ResolvedSpec:
+    resolved = run.resolved_spec()
+    lineage_record = run.read("lineage.json") if (run.path / "lineage.json").is_file() else {}
+    recorded = lineage_record.get("spec_hash") if isinstance(lineage_record, dict) else None
+    if not isinstance(recorded, str):
+        raise ForgeError(f"{run.path / 'lineage.json'} does not record the run's spec_hash; the run cannot be "
+                         "checked against its spec: start a new run instead")
+    if resolved.hash != recorded and not run.spec_migrated:
         raise ForgeError(f"{run.path / 'spec.toml'} was modified after the run started "
                          f"(hash {resolved.hash[:12]} != recorded {recorded[:12]}); start a new run instead")
-    return resolved, run
+    return resolved
 
 
 def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int | None, data_dir: Path,
-          tty: bool | None = None, world: World = SINGLE) -> LaunchResult:
+          tty: bool | None = None, world: World = SINGLE, from_step: int | None = None) -> LaunchResult:
     """Run (or continue) training in `run` until max_steps (default: train.max_steps). Under torchrun every
-    rank calls this with its `world`; rank 0 alone writes to the run directory."""
+    rank calls this with its `world`; rank 0 alone writes to the run directory.
+
+    A resume continues from the newest checkpoint that loads (or the one at `from_step`), walking back over
+    those that do not with one line each. Until it has one nothing is written: a refused resume leaves the
+    run as it was, and a new run refused by its data (--force past the checklist) leaves no directory."""
     from forge.train.components import build_components
     from forge.train.live import LiveView
     from forge.train.loop import Trainer
@@ -89,29 +121,33 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     stop_at = min(max_steps or spec.train.max_steps, spec.train.max_steps)
     live = log = None
     main = world.main
+    started = False      # past validation: from here on an error is recorded in the run
     try:
+        candidates, skipped, kept = _resume_candidates(run, from_step) if resume else ([], [], "")
         parts = build_components(spec, data_dir, world=world)
-        if main:
-            run.write("environment.json", environment(spec.run.seed, str(parts.device), world.size))
-            parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
-        latest = ckpt.latest_valid(run.checkpoints) if resume else None
-        if resume and latest is None:
-            raise ForgeError(f"run {run.run_id} has no valid checkpoint to resume from")
-        start_step = ckpt.read_meta(latest)["step"] if latest else 0
+        latest, counters = _resume_point(run, parts, candidates, skipped, kept) if resume else (None, None)
+        start_step = counters.step if counters else 0
         monitors = MonitorSet(load_monitors(spec.run.checklist))
+        started = True
+        if main:
+            run.add_launch(environment(spec.run.seed, str(parts.device), world.size))
+            parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
         if latest is not None and main:
+            _set_aside_later_checkpoints(run, start_step)
             truncate_after(run.metrics_path, start_step)  # the steps after the checkpoint run again
             if (run.path / SAMPLES).is_file():
                 truncate_after(run.path / SAMPLES, start_step)
             for record in read_metrics(run.metrics_path):
                 monitors.observe(record)
         live = LiveView(run.run_id, start_step, stop_at, tty=tty, quiet=not main)
+        for line in skipped:
+            live.warn(line)
         if main:
             log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path,
                              spec.model_dump(mode="json"), warn=live.warn)
         trainer = Trainer(resolved, run, parts, live, log, monitors, world)
         if latest is not None:
-            trainer.restore(latest)
+            trainer.counters = counters
             live.note(f"resumed {run.run_id} from {latest.name}"
                       + (f" on {world.size} processes" if world.distributed else ""))
         if main:
@@ -123,17 +159,34 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
             run.set_status(status, step=c.step, tokens=c.tokens, nonfinite=c.nonfinite_total,
                            **({why: trainer.stop_reason} if why else {}))
         return LaunchResult(status, run.run_id, message=trainer.stop_reason or "")
-    except ForgeError as err:
-        if main:
-            run.set_status("failed", error=str(err))
-        raise
+    except (ForgeError, OSError, MemoryError) as err:
+        error = err if isinstance(err, ForgeError) else ForgeError(_environment_error(err, run))
+        if not started and not resume and main:
+            run.discard()               # a new run that never started: no trace of it
+        elif started and main:
+            unwritten = run.try_set_status("failed", error=str(error))
+            if unwritten:
+                error = ForgeError(f"{error}\n  ({unwritten})")
+        if error is err:
+            raise
+        raise error from None
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        if not started and main and status == "interrupted":   # Ctrl-C while setting up: leave no trace
+            if not resume:
+                run.discard()
+            return LaunchResult(status, run.run_id, message="interrupted before training started (nothing "
+                                "was written)", crashed=True)
         error_file = run.path / ("error.txt" if main else f"error-rank{world.rank}.txt")
-        run.write(error_file.name, traceback.format_exc())
-        message = f"{type(err).__name__}: {err} (traceback in {error_file})"
+        try:
+            run.write(error_file.name, traceback.format_exc())
+            where = f"traceback in {error_file}"
+        except OSError as write_error:
+            where = f"no traceback written: {write_error}"
+        message = f"{type(err).__name__}: {err} ({where})"
         if main:
-            run.set_status(status, error=message)
+            unwritten = run.try_set_status(status, error=message)
+            message += f" ({unwritten})" if unwritten else ""
         return LaunchResult(status, run.run_id, message=message, crashed=True)
     finally:
         if log is not None:
@@ -142,6 +195,67 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
             live.close()
         if main:
             run.unlock()
+
+
+def _resume_candidates(run: RunDir, from_step: int | None) -> tuple[list[Path], list[str], str]:
+    """The checkpoints of `run` that verify, newest first (only the one at `from_step`, if given), one line per
+    checkpoint skipped, and the kept steps; ForgeError when none verifies. Runs before the components are
+    built, so a run that cannot be resumed is refused at once."""
+    skipped: list[str] = []
+    found = list(reversed(ckpt.list_checkpoints(run.checkpoints, skipped.append)))
+    kept = ", ".join(str(ckpt.step_of(p)) for p in reversed(found)) or "none"
+    if from_step is not None:
+        found = [p for p in found if ckpt.step_of(p) == from_step]
+        if not found:
+            raise ForgeError(f"run {run.run_id} has no checkpoint at step {from_step} (kept steps: {kept})")
+    candidates = []
+    for path in found:
+        problem = ckpt.verify(path)
+        if problem is None:
+            candidates.append(path)
+        else:
+            skipped.append(f"skipping checkpoint {path.name}: {problem}")
+    if not candidates:
+        _no_resume(run, kept, skipped)
+    return candidates, skipped, kept
+
+
+def _resume_point(run: RunDir, parts, candidates: list[Path], skipped: list[str], kept: str):
+    """(checkpoint, its counters): the first of `candidates` that restores into `parts`; a checkpoint that
+    does not fit them adds its line to `skipped`."""
+    from forge.train.loop import restore
+
+    for path in candidates:
+        try:
+            return path, restore(parts, path)
+        except ForgeError as err:
+            skipped.append(f"skipping checkpoint {path.name}: {err}")
+    _no_resume(run, kept, skipped)
+
+
+def _no_resume(run: RunDir, kept: str, skipped: list[str]):
+    lines = "".join(f"\n  {line}" for line in skipped)
+    raise ForgeError(f"run {run.run_id} has no checkpoint to resume from that loads (kept steps: {kept}){lines}")
+
+
+def _set_aside_later_checkpoints(run: RunDir, step: int) -> None:
+    """The checkpoints after the one resumed from (those a resume skipped, or the continuation abandoned by
+    --from-step) move to <run>/abandoned/: kept, and out of the way of the steps about to be trained again."""
+    later = [p for p in ckpt.list_checkpoints(run.checkpoints, lambda _: None) if ckpt.step_of(p) > step]
+    if later:
+        target = run.path / "abandoned" / f"after-step-{step}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        target.mkdir(parents=True)
+        for path in later:
+            path.rename(target / path.name)
+
+
+def _environment_error(err: OSError | MemoryError, run: RunDir) -> str:
+    if isinstance(err, MemoryError):
+        return (f"out of memory in run {run.run_id}: reduce model size, data.batch_size or data.seq_len "
+                "(the checkpoints written so far are intact)")
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return (f"{err.strerror or err}{where} in run {run.run_id}: check free space and permissions under "
+            f"{run.path.parent}, then resume with forge train --resume {run.run_id}")
 
 
 # ------------------------------------------------------------------------------------------------ processes

@@ -2,8 +2,10 @@
 process writes it.
 
     spec.toml        the resolved spec (what ran), headed by its hash and lineage
-    lineage.json     base spec file + hash, the extends chain, --set overrides, patches, --force
-    environment.json python/torch/package versions, device, git commit + dirty flag, seed, argv
+    lineage.json     base spec file + hash, the extends chain, --set overrides, patches, --force, and the
+                     run format (run_format) the directory is written in
+    environment.json one record per launch (the start and every resume): python/torch/package versions,
+                     forge version, device, git commit + dirty flag, seed, argv
     checklist.json   the before-first-run checklist result
     metrics.jsonl    one JSON object per logging step (always written locally)
     warnings.jsonl   during-training checklist warnings
@@ -22,11 +24,20 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from forge.errors import ForgeError
 
 STATUSES = ("running", "finished", "failed", "interrupted")
+
+# The layout of a run directory, versioned so that a newer forge reads older runs (migrating what changed)
+# and an older forge refuses newer ones by name instead of misreading them.
+#   1  (no run_format in lineage.json) environment.json is one object: the first launch only
+#   2  lineage.json states run_format; environment.json is a list with one record per launch
+RUN_FORMAT = 2
+# run_format -> how to bring that format's spec.toml data up to the next format (before validation). A
+# schema change that adds a required key adds an entry here with the value that keeps older runs' meaning.
+SPEC_MIGRATIONS: dict[int, Callable[[dict], None]] = {1: lambda data: None}
 
 
 def new_run_id(name: str, now: dt.datetime | None = None) -> str:
@@ -38,11 +49,15 @@ def new_run_id(name: str, now: dt.datetime | None = None) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file + fsync + rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:   # a full or read-only disk: leave the old file, and no temporary one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -50,11 +65,32 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The JSON in `path`; a file that cannot be read or parsed is a ForgeError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, ValueError) as err:
+        raise ForgeError(f"cannot read {path}: {type(err).__name__}: {err} (restore the file or remove the run "
+                         "directory)") from None
 
 
 class RunLocked(ForgeError):
     pass
+
+
+def check_writable(directory: Path) -> None:
+    """ForgeError unless `directory` is (or can be created as) a writable directory. Creates nothing: runs
+    before the checklist, so that a bad output_dir is reported at once and leaves no trace."""
+    path = directory
+    while not path.exists():
+        if path == path.parent:
+            break
+        path = path.parent
+    if not path.is_dir():
+        raise ForgeError(f"{path} is not a directory (run.output_dir = {str(directory)!r}); set run.output_dir "
+                         "to a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ForgeError(f"{path} is not writable (run.output_dir = {str(directory)!r}); fix its permissions or "
+                         "set run.output_dir elsewhere")
 
 
 @dataclass
@@ -76,12 +112,37 @@ class RunDir:
     # -- lifecycle ------------------------------------------------------------------------------
     @classmethod
     def create(cls, root: Path, run_id: str) -> "RunDir":
+        """A new run directory; discard() removes it again (and `root`, if this created it)."""
         path = root / run_id
         if path.exists():
             raise ForgeError(f"run directory {path} already exists; resume it with --resume {run_id}")
-        path.mkdir(parents=True)
-        (path / "checkpoints").mkdir()
-        return cls(path)
+        created_root = not root.exists()
+        try:
+            path.mkdir(parents=True)
+            (path / "checkpoints").mkdir()
+        except OSError as err:
+            raise ForgeError(f"cannot create the run directory {path}: {err.strerror or err} (check "
+                             "run.output_dir and its permissions)") from None
+        run = cls(path)
+        run._created = (path, root if created_root else None)
+        return run
+
+    def discard(self) -> None:
+        """Remove a run directory that create() made in this process, before it held any result (bad input
+        found after creation, e.g. by --force past the checklist): nothing is left of it."""
+        import shutil
+
+        created = getattr(self, "_created", None)
+        if created is None:
+            return
+        self.unlock()
+        shutil.rmtree(created[0], ignore_errors=True)
+        if created[1] is not None:
+            try:
+                created[1].rmdir()      # only if empty
+            except OSError:
+                pass
+        self._created = None
 
     @classmethod
     def open(cls, root: Path, run_id: str) -> "RunDir":
@@ -94,7 +155,12 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold an exclusive lock for the life of this process (released by the OS on exit or kill)."""
-        self._lock_file = open(self.path / ".lock", "a+")
+        try:
+            self._lock_file = open(self.path / ".lock", "a+")
+        except OSError as err:
+            raise ForgeError(f"cannot open the lock file {self.path / '.lock'}: {err.strerror or err} (it must be "
+                             "a writable file; remove it if it is a directory, or fix the run directory's "
+                             "permissions)") from None
         try:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -126,7 +192,101 @@ class RunDir:
 
     def status(self) -> dict | None:
         path = self.path / "status.json"
-        return read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        record = read_json(path)
+        if not isinstance(record, dict):
+            raise ForgeError(f"{path} is not a status record (a JSON object)")
+        return record
+
+    def try_set_status(self, status: str, **fields: Any) -> str | None:
+        """set_status where the run is ending on an error: a status that cannot be written (a read-only or full
+        disk) must not hide the error itself. Returns why it was not written, or None."""
+        try:
+            self.set_status(status, **fields)
+        except (OSError, ForgeError) as err:
+            return f"status.json not updated: {err}"
+        return None
+
+    # -- format ---------------------------------------------------------------------------------
+    def run_format(self) -> int:
+        path = self.path / "lineage.json"
+        lineage = read_json(path) if path.is_file() else {}
+        found = lineage.get("run_format", 1) if isinstance(lineage, dict) else 1
+        if not isinstance(found, int) or found > RUN_FORMAT:
+            by = self.written_by() or "of a newer release"
+            raise ForgeError(f"run {self.run_id} has run format {found!r}; this forge ({_forge_version()}) reads "
+                             f"formats up to {RUN_FORMAT}: read it with forge {by}")
+        return found
+
+    def written_by(self) -> str | None:
+        """The forge version of the run's latest launch that recorded one."""
+        versions = [launch.get("forge") for launch in self.launches(check=False)]
+        return next((v for v in reversed(versions) if isinstance(v, str)), None)
+
+    def launches(self, check: bool = True) -> list[dict[str, Any]]:
+        """environment.json: one record per launch, oldest first (format 1 held the first launch only)."""
+        if check:
+            self.run_format()
+        path = self.path / "environment.json"
+        if not path.is_file():
+            return []
+        data = read_json(path)
+        if isinstance(data, dict):
+            return [data]
+        return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+    def add_launch(self, record: dict[str, Any]) -> None:
+        """Append this launch to environment.json (call it once the launch is known to be valid)."""
+        write_json(self.path / "environment.json", [*self.launches(), record])
+
+    def spec_data(self) -> dict[str, Any]:
+        """The run's resolved spec as a plain dict, migrated to the current run format: what diagnose and
+        report read. ForgeError naming the file when it is missing or unreadable."""
+        import tomllib
+
+        path = self.path / "spec.toml"
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ForgeError(f"run {self.run_id} has no spec.toml ({path}): it was not started by forge train, "
+                             "or the file was removed; restore it from the run's lineage.json spec_file") from None
+        except (OSError, UnicodeError, tomllib.TOMLDecodeError) as err:
+            raise ForgeError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+        self.migrate_spec(data)
+        return data
+
+    def migrate_spec(self, data: dict[str, Any]) -> bool:
+        """Bring spec data of this run's format up to RUN_FORMAT in place; True if anything changed."""
+        before = json.dumps(data, sort_keys=True, default=str)
+        for version in range(self.run_format(), RUN_FORMAT):
+            SPEC_MIGRATIONS[version](data)
+        return json.dumps(data, sort_keys=True, default=str) != before
+
+    def resolved_spec(self):
+        """The run's spec.toml validated (after migration), as forge.spec.load.ResolvedSpec; spec_migrated says
+        whether a migration changed it. A spec this forge cannot validate is a SpecError that names the run
+        format and the forge version that wrote it."""
+        from forge.errors import SpecError
+        from forge.spec.load import load_spec
+
+        path = self.path / "spec.toml"
+        if not path.is_file():
+            self.spec_data()   # raises the missing-file error
+        migrated = {}
+
+        def migrate(data: dict) -> None:
+            migrated["changed"] = self.migrate_spec(data)
+
+        try:
+            resolved = load_spec(path, migrate=migrate)
+        except SpecError as err:
+            by = self.written_by()
+            raise SpecError(err.problems, header=f"the spec of run {self.run_id} (run format {self.run_format()}"
+                            f"{', written by forge ' + by if by else ''}) does not validate with forge "
+                            f"{_forge_version()}: read it with the forge that wrote it") from None
+        self.spec_migrated = bool(migrated.get("changed"))
+        return resolved
 
     def append_warning(self, warning: dict[str, Any]) -> None:
         """During-training checklist warnings, one JSON object per line (warnings.jsonl)."""
@@ -162,6 +322,7 @@ def environment(seed: int, device: str, world_size: int = 1) -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[pkg] = None
     return {
+        "forge": _forge_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,
@@ -173,6 +334,12 @@ def environment(seed: int, device: str, world_size: int = 1) -> dict[str, Any]:
         "seed": seed,
         "argv": sys.argv,
     }
+
+
+def _forge_version() -> str:
+    from forge import __version__
+
+    return __version__
 
 
 def git_revision(repo: Path | None = None) -> dict[str, Any]:

@@ -194,39 +194,44 @@ def sample(run_id: str = typer.Argument(..., help="Run id."),
 
 
 @app.command()
-def diagnose(run_id: str = typer.Argument(..., help="Run id (a directory under --output-dir)."),
+def diagnose(target: str = typer.Argument(..., metavar="RUN_ID|PATH.jsonl",
+                                          help="Run id (a directory under --output-dir), or a plain metrics JSONL "
+                                               "(forge's or the design's metric names)."),
              output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
-             apply: bool = typer.Option(False, "--apply", help="Write the top remedy as a new spec that extends "
-                                                               "the run's spec (without it: dry run)."),
-             rule: Optional[str] = typer.Option(None, "--rule", help="Apply this rule's remedy instead of the "
-                                                                     "most confident finding's."),
-             remedy: int = typer.Option(1, "--remedy", min=1, help="Which of the rule's remedies (1 = first)."),
+             spec: Optional[Path] = typer.Option(None, "--spec", help="With a metrics JSONL: the spec it ran "
+                                                                      "[default: specs/phase1.toml, the design's]."),
+             apply: bool = typer.Option(False, "--apply", help="Write the top finding's remedy as a new spec that "
+                                                               "extends the run's spec (without it: dry run)."),
+             finding: Optional[str] = typer.Option(None, "--finding", help="Apply this finding's remedy instead of "
+                                                                           "the top finding's."),
+             remedy: int = typer.Option(1, "--remedy", min=1, help="Which of the finding's remedies (1 = first)."),
+             show_all: bool = typer.Option(False, "--all", help="Also list rules that do not apply to this spec."),
              as_json: bool = JsonOption) -> None:
-    """Walk the debugging tree over RUN_ID's metrics; suggest (or --apply) spec patches. Exit 1 on findings."""
-    from forge.diagnose.patch import build_patch, write_patched_spec
-    from forge.diagnose.run import diagnose_run
+    """Walk the debugging tree over a run's evidence; suggest (or --apply) spec patches.
+    Exit 0 healthy (every applicable rule clear), 1 findings, 3 undecidable, 2 bad input."""
+    from forge.diagnose.patch import apply_finding
+    from forge.diagnose.render import diagnosis_json, render_diagnosis
+    from forge.diagnose.run import diagnose_file, diagnose_run
     from forge.errors import ForgeError
     from forge.train.run_dir import RunDir
 
-    run = RunDir.open(output_dir, run_id)
-    result = diagnose_run(run)
     written = None
-    if apply:
-        chosen = [f for f in result.findings if rule in (None, f.rule.id) and f.suggestions]
-        if not chosen:
-            raise ForgeError(f"nothing to apply: {'rule ' + rule + ' did not fire or' if rule else 'no finding'} "
-                             "has no remedy for this run")
-        finding = chosen[0]
-        if remedy > len(finding.suggestions):
-            raise ForgeError(f"rule {finding.rule.id} has {len(finding.suggestions)} remedies; --remedy {remedy} "
-                             "does not exist")
-        patch = build_patch(finding, finding.suggestions[remedy - 1], run.run_id, run.read("lineage.json"))
-        written = write_patched_spec(patch)
-    if as_json:
-        ui.print_json(ui.diagnosis_json(result, written))
+    if target.endswith(".jsonl") or Path(target).is_file():
+        if apply:
+            raise ForgeError(f"--apply needs a run directory (its spec and lineage); {target} is a metrics file")
+        result = diagnose_file(Path(target), spec)
     else:
-        ui.render_diagnosis(result, written)
-    raise typer.Exit(0 if result.healthy else 1)
+        if spec is not None:
+            raise ForgeError("--spec goes with a metrics JSONL; a run directory carries its own spec")
+        run = RunDir.open(output_dir, target)
+        result = diagnose_run(run)
+        if apply:
+            written = apply_finding(result, finding, remedy, run.run_id, run.read("lineage.json"))
+    if as_json:
+        ui.print_json(diagnosis_json(result, written))
+    else:
+        render_diagnosis(result, written, show_all)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()

@@ -121,55 +121,6 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
-def _verdicts(result) -> dict[str, list[str]]:
-    """Every problem entry of the debugging tree -> the rules that fired for it ([] = fine)."""
-    from forge.diagnose.rules import PROBLEMS
-
-    return {p: [f.rule.id for f in result.findings if f.rule.problem == p] for p in PROBLEMS}
-
-
-def diagnosis_json(result, written=None) -> dict:
-    return {"run_id": result.run_id, "healthy": result.healthy, "status": result.status,
-            "verdicts": _verdicts(result),
-            "steps_logged": result.steps_logged,
-            "findings": [{"rule": f.rule.id, "problem": f.rule.problem, "title": f.rule.title,
-                          "confidence": f.confidence, "evidence": [str(e) for e in f.evidence],
-                          "remedies": [{"rationale": s.rationale,
-                                        "changes": [{"key": c.key, "before": c.before, "after": c.after}
-                                                    for c in s.changes]} for s in f.suggestions]}
-                         for f in result.findings],
-            "written": None if written is None else {"spec": str(written.spec_path), "patch": str(written.path)}}
-
-
-def render_diagnosis(result, written=None) -> None:
-    from rich.panel import Panel
-
-    out = console()
-    status = result.status.get("status", "?")
-    out.print(f"[bold]diagnosis of {result.run_id}[/] (status {status}, {result.steps_logged} logged steps)")
-    if result.warnings:
-        out.print(f"[yellow]{len(result.warnings)} during-training warnings[/]: "
-                  + ", ".join(sorted({w['id'] for w in result.warnings})))
-    out.print("  ".join(f"{p}: " + ("[green]ok[/]" if not ids else f"[bold red]{', '.join(ids)}[/]")
-                        for p, ids in _verdicts(result).items()))
-    if result.healthy:
-        out.print("[bold green]healthy[/]: no rule of the debugging tree fired")
-        return
-    for n, f in enumerate(result.findings, 1):
-        lines = [f"[dim]{_escape(f.rule.explain)}[/]", ""]
-        lines += [f"evidence: {_escape(str(e))}" for e in f.evidence]
-        for k, sug in enumerate(f.suggestions, 1):
-            diff = ", ".join(f"{c.key}: {c.before!r} -> {c.after!r}" for c in sug.changes)
-            lines.append(f"remedy {k}: [bold]{_escape(diff)}[/]  [dim]({_escape(sug.rationale)})[/]")
-        out.print(Panel("\n".join(lines), title=f"{n}. {_escape(f'[{f.rule.problem}]')} {f.rule.id}: {_escape(f.rule.title)}",
-                        subtitle=f"confidence {f.confidence:.2f}", title_align="left"))
-    if written is not None:
-        out.print(f"[green]wrote {written.spec_path}[/] (patch record {written.path}); "
-                  f"next: forge train {written.spec_path}")
-    else:
-        out.print("[dim]dry run: add --apply to write the top remedy as a patched spec[/]")
-
-
 def render_merge(run_id: str, step_a: int, step_b: int, method: str, t: float, scores: dict) -> None:
     out = console()
     fitness = scores["merge/fitness"]

@@ -1,187 +1,187 @@
-"""The debugging tree on synthetic metric streams: every rule fires on its pathology, stays quiet on
-a healthy run and on noisy streams just inside its thresholds; patches are recorded, never edits."""
+"""forge diagnose's machinery: signals, robust reading, the metric catalogue, verdicts and exit codes,
+patches (recorded, never edits; relative paths; no duplicates; the top finding or the chosen one)."""
 from __future__ import annotations
 
 import json
-import math
-import random
 import shutil
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, SPECS
-from forge.diagnose.patch import build_patch, read_patch, write_patched_spec
-from forge.diagnose.rules import diagnose, load_rules
-from forge.diagnose.signals import compute, roughness, spikes, trend
-from forge.errors import ForgeError
+from forge.diagnose.patch import apply_finding, build_patch, read_patch, write_patched_spec
+from forge.diagnose.rules import load_rules
+from forge.diagnose.run import lock_held
+from forge.errors import ForgeError, SpecError
+from forge.metrics.catalogue import load_catalogue
+from forge.metrics.jsonl import read_metric_stream
+from forge.metrics.signals import compute, roughness, spikes, trend
 from forge.spec.load import load_spec
+from forge.spec.render import resolved_toml
+from test_diagnose_tree import H, TINY, run, with_
 
 RULES = load_rules(REPO / "checklists" / "diagnose.toml")
-TINY = load_spec(SPECS / "tiny.toml").spec.model_dump(mode="json")   # act warmup 50, t_max 3
-STEPS = list(range(10, 310, 10))
-
-
-def healthy(seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    records = []
-    for i, step in enumerate(STEPS):
-        loss = 6.0 * math.exp(-i / 25) + 2.0 + rng.gauss(0, 0.01)
-        records.append({
-            "step": step, "loss/total": loss, "loss/step_0": loss + 0.2, "loss/step_1": loss + 0.1,
-            "loss/step_2": loss, "optim/grad_ema_ratio": 1.2 + rng.gauss(0, 0.02),
-            "optim/ortho_error": 0.05, "act/avg_steps": 2.2 + rng.gauss(0, 0.05),
-            "act/halt_prob_step0": 0.2, "act/ema_acc_step0": 0.30, "act/ema_acc_step1": 0.35,
-            "act/ema_acc_step2": 0.40, "gate/entropy": 0.65, "gate/y_usage": 0.5,
-            "optim/qk_clip_count": 0, "optim/qk_clip_fraction": 0.0, "attn/sink_count": 1.0,
-            "perf/logging_fraction": 0.01, "perf/data_fraction": 0.05, "config/param_count": 600_000,
-            "merge/fitness": 1.02, "optim/nonfinite_count": 0, "valid/perplexity": 30 - i * 0.5,
-            "valid/reasoning_accuracy": 0.01 * i})
-    return records
-
-
-def fired(records, spec=TINY, status=None) -> list[str]:
-    return [f.rule.id for f in diagnose(RULES, records, spec, status or {"status": "finished"})]
-
-
-def with_(records, **series) -> list[dict]:
-    """Replace metrics (name with / written as __) by per-step functions of the index."""
-    out = []
-    for i, r in enumerate(records):
-        r = dict(r)
-        for name, fn in series.items():
-            r[name.replace("__", "/")] = fn(i)
-        out.append(r)
-    return out
-
-
-def spec_with(**changes) -> dict:
-    spec = json.loads(json.dumps(TINY))
-    for dotted, value in changes.items():
-        node = spec
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return spec
 
 
 def test_signals():
     assert trend([10, 9, 8, 7, 6]) == pytest.approx(-0.5)
     assert roughness([1, 1, 1, 1]) == 0 and roughness([1, 3, 1, 3, 1, 3]) > 0.9
     assert spikes([1, 1.1, 0.9, 1, 1.05, 9, 1]) == 1 and spikes([1, 2, 3, 4, 5, 6]) == 0
+    assert spikes([10 - 0.3 * i + (5 if i == 12 else 0) for i in range(20)]) == 1   # a spike on a falling loss
     assert compute("mean", [(1, 1.0), (2, 3.0)], 3) is None                # not enough evidence
     assert compute("mean", [(1, 1.0), (2, 3.0), (3, 5.0)], 2) == (4.0, 2, 3)
     assert compute("improvement", [(i, 10 - i) for i in range(10)], 3)[0] == pytest.approx((9 - 2) / 9)
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_healthy_runs_produce_no_finding(seed):
-    assert fired(healthy(seed)) == []
+# ------------------------------------------------------------------------------------ reading
+
+def test_malformed_lines_anywhere_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1.0}\n\nnot json\n[1, 2]\n{"a": 2.0}\n{"step": "3", "a": 1}\n'
+                    '{"step": 4, "a": "high", "b": 2.0}\n{"step": 5, "a": 5.0}\n{"step": 6, "a"')
+    stream = read_metric_stream(path)
+    assert stream.records == [{"step": 1, "a": 1.0}, {"step": 4, "b": 2.0}, {"step": 5, "a": 5.0}]
+    assert [n for n, _ in stream.skipped] == [2, 3, 4, 5, 6, 7, 9]
+    assert "torn last line" in stream.skipped[-1][1] and "'high' is not a number" in stream.skipped[5][1]
 
 
-PATHOLOGIES = {
-    "D1-grokfast-over-amplification": dict(
-        records=lambda h: with_(h, optim__grad_ema_ratio=lambda i: 3.0)),
-    "D2-newton-schulz-divergence": dict(records=lambda h: with_(h, optim__ortho_error=lambda i: 2.5)),
-    "A2-data-quality-flat-loss": dict(records=lambda h: with_(h, loss__total=lambda i: 5.0 + 0.001 * (i % 3))),
-    "C2-recursion-instability": dict(records=lambda h: with_(h, loss__step_2=lambda i: 9.0)),
-    "C2-nonfinite-updates": dict(records=lambda h: with_(h, optim__nonfinite_count=lambda i: 0 if i < 20 else 3)),
-    "B2-attention-instability": dict(records=lambda h: with_(h, loss__total=lambda i: 3.0 + (6 if i in (22, 26) else 0)
-                                                             + 0.01 * (i % 2))),
-    "C1-act-always-halting": dict(records=lambda h: with_(h, act__avg_steps=lambda i: 1.0,
-                                                          act__halt_prob_step0=lambda i: 0.97)),
-    "C1-act-never-halting": dict(records=lambda h: with_(h, act__avg_steps=lambda i: 3.0,
-                                                         act__ema_acc_step0=lambda i: 0.6)),
-    "C1-gate-saturation": dict(records=lambda h: with_(h, gate__entropy=lambda i: 0.05)),
-    "D3-qk-clip-over-activation": dict(records=lambda h: with_(h, optim__qk_clip_fraction=lambda i: 0.9,
-                                                               optim__qk_clip_count=lambda i: 11)),
-    "E1-rotary-k-unprotected": dict(records=lambda h: with_(h, optim__qk_clip_count=lambda i: 2),
-                                    spec=spec_with(optim__qk_clip__mlarope_shared_k_protected=False)),
-    "E2-attention-sinks": dict(records=lambda h: with_(h, attn__sink_count=lambda i: 9.0)),
-    "G2-optimizer-config-reuse": dict(records=lambda h: h, spec=spec_with(optim__kl_coefficient=0.5)),
-    "B1-out-of-memory": dict(records=lambda h: h[:3],
-                             status={"status": "failed", "error": "RuntimeError: CUDA out of memory. Tried ..."}),
-    "B1-budget-overrun": dict(records=lambda h: with_(h, config__param_count=lambda i: 32_600_000)),
-    "F1-logging-overhead": dict(records=lambda h: with_(h, perf__logging_fraction=lambda i: 0.08)),
-    "F1-data-loader-bottleneck": dict(records=lambda h: with_(h, perf__data_fraction=lambda i: 0.5)),
-    "G1-merge-incompatibility": dict(records=lambda h: with_(h, merge__fitness=lambda i: 0.4)),
-    "A1-objective-mismatch": dict(records=lambda h: with_(h, valid__reasoning_accuracy=lambda i: 0.3 - 0.01 * i)),
-    "F2-checkpoint-corruption": dict(records=lambda h: h + [{"step": 300, "run/invalid_checkpoints": 1}]),
-}
+def test_report_and_runs_read_past_a_bad_line(run_cli, tmp_path):
+    from forge.train.runs import list_runs
+
+    d = tmp_path / "runs" / "r1"
+    d.mkdir(parents=True)
+    (d / "status.json").write_text('{"status": "finished", "step": 20}')
+    (d / "metrics.jsonl").write_text('{"step": 10, "loss/total": 5.0}\nbad\n{"step": 20, "loss/total": 4.0}\n')
+    assert list_runs(tmp_path / "runs")[0]["loss"] == 4.0
 
 
-def test_every_rule_has_a_pathology_test():
-    assert sorted(PATHOLOGIES) == sorted(r.id for r in RULES)
+# ---------------------------------------------------------------------------------- catalogue
+
+def test_every_metric_a_rule_monitor_criterion_or_plot_names_is_catalogued():
+    from forge.report.criteria import PLOTS, RunRecord, load_criteria
+    from forge.train.monitors import load_monitors
+
+    cat = load_catalogue()
+    for name in ("phase1", "tiny"):
+        assert load_monitors(name) and load_criteria(name)
+    rec = RunRecord(None, [{"step": 1, "loss/step_0": 1.0, "optim/lr_muon": 1.0, "eval/position_accuracy/d10": 1.0}],
+                    TINY, {}, {}, [])
+    for _, metrics_of in PLOTS.values():
+        for metric in metrics_of(rec):
+            cat.check(metric, "forge/report/criteria.py")
+    from forge.report.probes import PROBE_METRICS
+    from forge.report.render import CURVES
+    for metric in [m for m, _ in PROBE_METRICS] + list(CURVES):
+        cat.check(metric, "forge/report")
 
 
-@pytest.mark.parametrize("rule_id", sorted(PATHOLOGIES))
-def test_rule_fires_on_its_pathology(rule_id):
-    case = PATHOLOGIES[rule_id]
-    ids = fired(case["records"](healthy()), case.get("spec", TINY), case.get("status"))
-    assert rule_id in ids, ids
+def test_a_typo_in_a_rule_fails_at_load_with_file_and_line(tmp_path):
+    text = (REPO / "checklists" / "diagnose.toml").read_text().replace('metric = "gate/entropy"',
+                                                                       'metric = "gate/entropi"', 1)
+    path = tmp_path / "diagnose.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as err:
+        load_rules(path)
+    line = next(n for n, l in enumerate(text.splitlines(), 1) if '"C1-gate-saturation"' in l)
+    assert "gate/entropi" in str(err.value) and f"diagnose.toml:{line}" in str(err.value)
 
 
-NEAR_MISSES = {
-    # noisy streams just inside the thresholds: no finding
-    "grad_ema_ratio around 1.4": lambda h: with_(h, optim__grad_ema_ratio=lambda i: 1.4 + 0.08 * (-1) ** i),
-    "ortho_error just below 0.5": lambda h: with_(h, optim__ortho_error=lambda i: 0.46 + 0.03 * (i % 2)),
-    "act steps 1.3 with noise": lambda h: with_(h, act__avg_steps=lambda i: 1.3 + 0.05 * (-1) ** i,
-                                                act__halt_prob_step0=lambda i: 0.8),
-    "gate entropy 0.35 with noise": lambda h: with_(h, gate__entropy=lambda i: 0.35 + 0.03 * (-1) ** i),
-    "one loss spike only": lambda h: with_(h, loss__total=lambda i: h[i]["loss/total"] + (6 if i == 25 else 0)),
-    "qk clip on 40% of heads": lambda h: with_(h, optim__qk_clip_fraction=lambda i: 0.4),
-    "logging at 1.5%": lambda h: with_(h, perf__logging_fraction=lambda i: 0.015),
-}
+def test_design_names_are_aliases_never_other_meanings():
+    cat = load_catalogue()
+    names = {m.name for m in cat.metrics}
+    for design, forge_name in cat.design_names().items():
+        assert design not in names or cat.entry(design).design == design, design   # no forge name with another meaning
+    assert cat.from_design({"train/loss": 3.0, "train/loss_step_2": 2.0, "optim/grad_ema_norm": 1.2}) == \
+        {"loss/total": 3.0, "loss/step_2": 2.0, "optim/grad_ema_ratio": 1.2}
+    assert cat.kind("optim/nonfinite_count") == "counter" and cat.entry("valid/halt/stdlib_code/perplexity")
 
 
-@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
-def test_near_threshold_noise_does_not_fire(name):
-    assert fired(NEAR_MISSES[name](healthy())) == []
+def test_counters_read_as_increments_and_qk_clip_count_per_100_steps():
+    from forge.metrics.engine import Records
+
+    recs = Records([{"step": 100 * (i + 1), "optim/qk_clip_total": 50 * (i + 1), "optim/nonfinite_count": 3}
+                    for i in range(4)], load_catalogue())
+    assert recs.values("optim/qk_clip_count") == [50.0, 50.0, 50.0, 50.0]
+    assert recs.values("optim/nonfinite_count") == [3, 0, 0, 0]
 
 
-def test_act_rules_wait_for_the_warmup():
-    # before act.warmup_steps (50) nothing halts by design: a pathology there is not evidence
-    early = [r for r in with_(healthy(), act__avg_steps=lambda i: 1.0, act__halt_prob_step0=lambda i: 0.97)
-             if r["step"] < 50] + [r for r in healthy() if r["step"] >= 50]
-    assert "C1-act-always-halting" not in fired(early)
+def test_plain_metrics_file_with_the_design_names(run_cli, tmp_path):
+    path = tmp_path / "other.jsonl"
+    rows = [{("train/loss" if k == "loss/total" else "optim/grad_ema_norm" if k == "optim/grad_ema_ratio" else k): v
+             for k, v in r.items()} for r in with_(H, optim__grad_ema_ratio=lambda i: 3.0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run_cli("diagnose", str(path), "--spec", str(SPECS / "tiny.toml"), "--json")
+    report = json.loads(out)
+    assert code == 1 and report["findings"][0]["rule"] == "D1-grokfast-over-amplification"
+    assert run_cli("diagnose", str(path), "--apply")[0] == 2
 
 
-def test_findings_rank_by_confidence_and_carry_evidence():
-    records = with_(healthy(), optim__ortho_error=lambda i: 5.0, gate__entropy=lambda i: 0.28)
-    findings = diagnose(RULES, records, TINY, {"status": "finished"})
-    assert [f.rule.id for f in findings] == ["D2-newton-schulz-divergence", "C1-gate-saturation"]
-    d2 = findings[0]
-    assert d2.confidence > findings[1].confidence
-    assert "optim/ortho_error mean 5 > 0.5 (steps 280-300)" == str(d2.evidence[0])
-    assert [(c.key, c.before, c.after) for c in d2.suggestions[0].changes] == [("optim.muon.ns_steps", 3, 5)]
+# ----------------------------------------------------------------------------------- verdicts
+
+def _run_dir(tmp_path, records, status, warnings=()):
+    d = tmp_path / "runs" / "r1"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "status.json").write_text(json.dumps(status))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "warnings.jsonl").write_text("".join(json.dumps(w) + "\n" for w in warnings))
+    (d / "spec.toml").write_text(resolved_toml(load_spec(SPECS / "tiny.toml")))
+    return d
 
 
-def test_remedy_already_in_the_spec_is_not_suggested():
-    records = with_(healthy(), optim__ortho_error=lambda i: 2.5)
-    finding = diagnose(RULES, records, spec_with(optim__muon__ns_steps=5), {"status": "finished"})[0]
-    assert [s.rationale for s in finding.suggestions] == [
-        "orthogonalise exactly with an SVD (slow, always orthogonal)"]
+@pytest.mark.parametrize("records,status,code,verdict", [
+    ([], {"status": "finished"}, 3, "undecidable"),
+    ("short", {"status": "finished"}, 3, "undecidable"),
+    ("healthy", {"status": "running"}, 1, "unhealthy"),       # no process holds the lock: stale
+    ("healthy", {"status": "failed", "error": "ValueError: x"}, 1, "unhealthy"),
+    ("healthy", {"status": "finished"}, 0, "healthy"),
+])
+def test_exit_codes_and_run_status_as_evidence(run_cli, tmp_path, records, status, code, verdict):
+    records = {"short": H[:3], "healthy": H}.get(records, records) if isinstance(records, str) else records
+    _run_dir(tmp_path, records, status, warnings=[{"step": 30, "id": "C1-gate-entropy", "title": "t", "measured": "m"}])
+    got, out, err = run_cli("diagnose", "r1", "--json", cwd=tmp_path)
+    report = json.loads(out)
+    assert (got, report["verdict"]) == (code, verdict), err
+    assert report["warnings"][0]["id"] == "C1-gate-entropy"
+    gate = next(r for r in report["rules"] if r["rule"] == "C1-gate-entropy")
+    if verdict == "healthy":
+        assert gate["recovered"] == "warned during training at step 30, clear since"
 
 
-# --------------------------------------------------------------------------------------- patches
+def test_live_lock_holder_is_not_stale(tmp_path):
+    from forge.train.run_dir import RunDir
 
-def _finding_for_tiny(tmp_path, overrides=()):
+    run_dir = RunDir(_run_dir(tmp_path, H, {"status": "running"}))
+    assert not lock_held(run_dir)
+    run_dir.lock()
+    try:
+        assert lock_held(run_dir)
+    finally:
+        run_dir.unlock()
+
+
+def test_severity_ranks_before_confidence():
+    records = with_(H, perf__logging_fraction=lambda i: 0.5, act__avg_steps=lambda i: 1.15)
+    top = run(records).findings
+    assert [f.rule.id for f in top[:2]] == ["C1-act-always-halting", "F1-logging-overhead"]
+    assert top[0].confidence < top[1].confidence
+
+
+# ------------------------------------------------------------------------------------ patches
+
+def _sick_run(tmp_path, records, overrides=()):
     spec_dir = tmp_path / "specs"
-    spec_dir.mkdir()
-    shutil.copy(SPECS / "phase1.toml", spec_dir)
-    shutil.copy(SPECS / "tiny.toml", spec_dir)
+    spec_dir.mkdir(exist_ok=True)
+    for name in ("phase1.toml", "tiny.toml"):
+        shutil.copy(SPECS / name, spec_dir)
     resolved = load_spec(spec_dir / "tiny.toml", list(overrides))
     lineage = {"spec_file": str(spec_dir / "tiny.toml"), "spec_hash": resolved.hash, "overrides": list(overrides)}
-    spec = resolved.spec.model_dump(mode="json")
-    finding = diagnose(RULES, with_(healthy(), optim__grad_ema_ratio=lambda i: 3.0,
-                                    loss__total=lambda i: 4 + (0.8 if i % 2 else -0.8)), spec, {"status": "finished"})[0]
-    return spec_dir, finding, lineage
+    return spec_dir, run(records, resolved.spec.model_dump(mode="json")), lineage
 
 
 def test_patch_writes_a_new_spec_that_extends_the_original(tmp_path):
-    spec_dir, finding, lineage = _finding_for_tiny(tmp_path, ["optim.grokfast.lam=2.0"])
+    spec_dir, result, lineage = _sick_run(tmp_path, with_(H, optim__grad_ema_ratio=lambda i: 3.0),
+                                          ["optim.grokfast.lam=2.0"])
     original = (spec_dir / "tiny.toml").read_text()
+    finding = result.findings[0]
     patch = build_patch(finding, finding.suggestions[0], "run-1", lineage)
     assert patch["ops"] == [{"op": "test", "path": "/optim/grokfast/lam", "value": 2.0},
                             {"op": "replace", "path": "/optim/grokfast/lam", "value": 0.1}]
@@ -193,11 +193,17 @@ def test_patch_writes_a_new_spec_that_extends_the_original(tmp_path):
     r1 = load_spec(written.spec_path)
     assert r1.spec.optim.grokfast.lam == 0.1
     assert [p.name for p in r1.chain] == ["phase1.toml", "tiny.toml", "tiny.r1.toml"]
-    assert read_patch(written.path)["output"] == str(written.spec_path)
+    record = json.loads(written.path.read_text())
+    assert (record["base_spec"], record["output"], record["number"]) == ("tiny.toml", "tiny.r1.toml", 1)
+    moved = tmp_path / "elsewhere"                                       # a record works from another checkout
+    shutil.copytree(spec_dir, moved)
+    assert read_patch(moved / "patches" / "tiny.r1.json")["base_spec"] == str(moved / "tiny.toml")
+    # the same remedy again (the run diagnosed twice) is refused, not written as r2
+    with pytest.raises(ForgeError, match="tiny.r1.json already made this change"):
+        write_patched_spec(build_patch(finding, finding.suggestions[0], "run-1", lineage))
     # a second patch of the patched spec continues the chain: r2 extends r1
     lineage2 = {"spec_file": str(written.spec_path), "spec_hash": r1.hash, "overrides": []}
-    spec2 = r1.spec.model_dump(mode="json")
-    d2 = diagnose(RULES, with_(healthy(), optim__ortho_error=lambda i: 2.5), spec2, {"status": "finished"})[0]
+    d2 = run(with_(H, optim__ortho_error=lambda i: 2.5), r1.spec.model_dump(mode="json")).findings[0]
     second = write_patched_spec(build_patch(d2, d2.suggestions[0], "run-2", lineage2))
     assert second.spec_path.name == "tiny.r2.toml"
     chain = load_spec(second.spec_path)
@@ -206,10 +212,97 @@ def test_patch_writes_a_new_spec_that_extends_the_original(tmp_path):
 
 
 def test_patch_refuses_a_changed_spec(tmp_path):
-    spec_dir, finding, lineage = _finding_for_tiny(tmp_path)
-    patch = build_patch(finding, finding.suggestions[0], "run-1", lineage)
+    spec_dir, result, lineage = _sick_run(tmp_path, with_(H, optim__grad_ema_ratio=lambda i: 3.0))
+    patch = build_patch(result.findings[0], result.findings[0].suggestions[0], "run-1", lineage)
     tiny = spec_dir / "tiny.toml"
     tiny.write_text(tiny.read_text().replace("[run]", "[optim.grokfast]\nlam = 0.2\n\n[run]"))
     with pytest.raises(ForgeError, match="is now 0.2"):
         write_patched_spec(patch)
     assert not list(spec_dir.glob("tiny.r*.toml"))                      # nothing written
+
+
+def test_apply_takes_the_top_finding_or_the_chosen_one_never_silently_another(tmp_path):
+    # top finding: C1-act-never-halting (critical, remedy); F2-checkpoint-corruption has no remedy
+    spec_dir, result, lineage = _sick_run(tmp_path, with_(H, act__avg_steps=lambda i: 3.0,
+                                                          perf__data_fraction=lambda i: 0.5))
+    assert [f.rule.id for f in result.findings][:2] == ["C1-act-never-halting", "F1-data-loader-bottleneck"]
+    with pytest.raises(ForgeError, match="F1-data-loader-bottleneck has no remedy as a spec change.*--finding"):
+        apply_finding(result, "F1-data-loader-bottleneck", 1, "run-1", lineage)
+    with pytest.raises(ForgeError, match="did not fire"):
+        apply_finding(result, "C1-gate-saturation", 1, "run-1", lineage)
+    written = apply_finding(result, None, 1, "run-1", lineage)
+    assert load_spec(written.spec_path).spec.model.act.halt_thresh == 0.3
+
+
+def test_a_remedy_already_in_the_spec_chain_is_refused(tmp_path):
+    spec_dir, result, lineage = _sick_run(tmp_path, with_(H, act__avg_steps=lambda i: 3.0), ["model.act.halt_thresh=0.3"])
+    top = result.findings[0]
+    assert top.rule.id == "C1-act-never-halting" and not top.suggestions and top.applied
+    with pytest.raises(ForgeError, match="already in the spec chain"):
+        apply_finding(result, None, 1, "run-1", lineage)
+
+
+def test_every_remedy_resolves_and_passes_the_checklist_items():
+    """Each remedy applied to the spec it is meant for resolves, and the checklist's critical spec_values
+    items (the ones that refuse a launch) accept it, as the design's value or a documented mitigation."""
+    from forge.checklist.items import load_checklist
+
+    for spec_name in ("tiny", "phase1"):
+        resolved = load_spec(SPECS / f"{spec_name}.toml")
+        items = [i for i in load_checklist(spec_name).items if i.check == "spec_values" and i.severity == "critical"]
+        accepted: dict[str, list] = {}
+        for item in items:
+            for key, value in item.params.get("expected", {}).items():
+                accepted.setdefault(key, []).append(value)
+            for key, values in item.params.get("mitigations", {}).items():
+                accepted.setdefault(key, []).extend(values)
+        for rule in RULES:
+            if spec_name == "tiny" and rule.id == "B1-budget-overrun":
+                continue      # sized for the 25M design (fires above 26M parameters)
+            for remedy in rule.remedy:
+                overrides = [f"{k}={json.dumps(v)}" for k, v in remedy.set.items()]
+                if overrides and not any("lr_overrides" in o for o in overrides):
+                    load_spec(SPECS / f"{spec_name}.toml", overrides)      # resolves (validates)
+                for key, value in remedy.set.items():
+                    if key in accepted:
+                        assert value in accepted[key], (spec_name, rule.id, key, value)
+
+
+# ------------------------------------------------------------------------------ success criteria
+
+def _criteria(records, spec=TINY):
+    from forge.report.criteria import RunRecord, success_criteria
+
+    return {c.id: c for c in success_criteria(RunRecord(None, records, spec, {}, {}, []))}
+
+
+def test_success_criteria_fail_where_they_should_and_never_pass_without_evidence():
+    evals = with_(H, valid__halt__avg_steps=lambda i: 2.4, valid__bits_per_byte=lambda i: 3.0 - 0.02 * i)
+    good = _criteria(evals)
+    assert good["C1-act-avg-steps"].status == "pass" and good["A2-valid-bpb-falls"].status == "pass"
+    never_halts = _criteria(with_(evals, valid__halt__avg_steps=lambda i: 3.0))       # t_max: never halting
+    assert never_halts["C1-act-avg-steps"].status == "fail"
+    assert _criteria(with_(evals, config__param_count=lambda i: 25_000_000))["B1-param-budget"].status == "fail"
+    slow = _criteria(with_(evals, perf__tokens_per_sec=lambda i: 300))
+    assert slow["F1-training-speed"].status == "fail"                                 # the tiny CPU target
+    phase1 = json.loads(json.dumps(TINY))
+    phase1["run"]["checklist"] = "phase1"
+    assert _criteria(evals, phase1)["F1-training-speed"].status == "n/a"               # a GPU target, on CPU
+    none = _criteria([{"step": 10, "loss/total": 3.0}])
+    assert all(c.status == "n/a" and c.note.startswith(("no evidence", "does not apply")) for c in none.values())
+
+
+def test_report_reads_nulls_and_a_bad_line(run_cli, tmp_path):
+    d = _run_dir(tmp_path, H, {"status": "finished", "step": 300})
+    (d / "checklist.json").write_text("{}")
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 310, "valid/halt/share_step0": null, "valid/halt/share_step1": null}\nnot json\n')
+    code, out, err = run_cli("report", "r1", cwd=tmp_path)
+    assert code == 0, err
+
+
+def test_readme_metric_table_is_generated_from_the_catalogue():
+    from forge.metrics.catalogue import readme_with_table
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert readme_with_table(text, load_catalogue()) == text, "run: python -m forge.metrics.catalogue README.md"

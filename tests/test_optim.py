@@ -239,7 +239,7 @@ def test_step_order_grokfast_then_clip_then_update(data):
         torch.testing.assert_close(p.grad, 1.3 * g * (0.05 / grad_norm), rtol=1e-4, atol=1e-8)
     m = opt.metrics()
     torch.testing.assert_close(m["optim/grad_raw_norm"], raw_norm)
-    torch.testing.assert_close(m["optim/grad_ema_norm"], raw_norm)          # EMA = first gradient
+    torch.testing.assert_close(m["optim/grokfast_ema_norm"], raw_norm)          # EMA = first gradient
     torch.testing.assert_close(m["optim/grad_ema_ratio"], torch.tensor(1.3))  # (1 + lam) g over g
     assert 0 < m["optim/ortho_error"] and 0 < m["optim/effective_rank"] <= 1
 

@@ -17,6 +17,7 @@ import torch
 from conftest import SPECS
 from forge.train import checkpoint as ckpt
 from forge.train.metrics_log import read_metrics
+from forge.metrics.catalogue import load_catalogue
 from forge.train.run_dir import RunDir
 
 # short runs: log every 2 steps, evaluate/checkpoint every 4, one eval batch per source
@@ -71,6 +72,10 @@ def test_tiny_run_end_to_end(run_cli, tmp_path):
     assert all(v is not None for r in records for v in r.values())  # nothing non-finite was logged
     assert records[-1]["valid/bits_per_byte"] > 0 and records[-1]["merge/fitness"] > 0
     assert f"run {run.run_id} finished" in out
+    catalogue = load_catalogue()        # every metric a real step, evaluation and merge preview logs is declared
+    assert sorted(k for k in keys - {"step"} if catalogue.entry(k) is None) == []
+    code, out, _ = run_cli("diagnose", run.run_id, "--json", cwd=tmp_path)   # 4 logs: not evidence of health
+    assert (code, json.loads(out)["verdict"]) == (3, "undecidable")
 
 
 def test_resume_equals_an_uninterrupted_run(run_cli, tmp_path):
@@ -160,6 +165,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     assert trainer.counters.nonfinite_total == 4 and trainer.counters.step == 9
     records = read_metrics(run.metrics_path)
     assert records[-1]["optim/nonfinite_count"] == 4
+    assert all(load_catalogue().entry(k) for r in records for k in r if k != "step")
     changed = [n for n, p in parts.model.named_parameters() if not torch.equal(before[n], p)]
     assert changed  # the finite steps did update
 

@@ -74,6 +74,7 @@ def _load(path: Path, seen: tuple[Path, ...]) -> Checklist:
         base = _load(path.parent / raw.pop("extends"), (*seen, path.resolve()))
         items = {i.id: i.model_dump() for i in base.items}
     raw.pop("monitor", None)  # during-training monitors: read by forge.train.monitors
+    raw.pop("criterion", None)  # success criteria: read by forge.report.criteria
     for dropped in raw.pop("drop", []):
         if items.pop(dropped, None) is None:
             raise _invalid(where("drop"), "drop", "no such item in the base checklist", dropped)

@@ -4,8 +4,10 @@ A patch is a list of JSON-Patch operations over the resolved spec: a `test` of t
 (so it never applies to a spec that has changed since the run) followed by a `replace`. Applying
 it writes `<stem>.r<N>.toml` next to the run's spec file: it `extends` that file, carries the run's
 --set overrides and the changed keys only, and opens with a comment naming the run, rule and
-evidence. The patch itself is kept in `<spec dir>/patches/<stem>.r<N>.json`. The chain
-base -> r1 -> r2 is then the ordinary extends chain (`forge spec show` prints it).
+evidence. The patch itself is kept in `<spec dir>/patches/<stem>.r<N>.json`, with paths relative to
+the spec's directory (a record works from any checkout). N counts the patches of that base spec
+family (<stem>.r1, .r2, ...). The chain base -> r1 -> r2 is then the ordinary extends chain (`forge spec
+show` prints it). A patch whose changes a recorded patch of the same base already made is refused.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forge.diagnose.rules import Finding, Suggestion, spec_value
+from forge.diagnose.rules import Suggestion, Verdict
+from forge.metrics.engine import spec_value
 from forge.errors import ForgeError
 from forge.spec.load import load_spec
 
@@ -38,14 +41,14 @@ class PatchRecord:
     record: dict
 
 
-def build_patch(finding: Finding, suggestion: Suggestion, run_id: str, lineage: dict) -> dict:
+def build_patch(finding: Verdict, suggestion: Suggestion, run_id: str, lineage: dict) -> dict:
     ops = []
     for change in suggestion.changes:
         ops.append({"op": "test", "path": _pointer(change.key), "value": change.before})
         ops.append({"op": "replace", "path": _pointer(change.key), "value": change.after})
     return {"format": FORMAT, "run_id": run_id, "rule": finding.rule.id, "title": finding.rule.title,
             "rationale": suggestion.rationale, "confidence": finding.confidence,
-            "evidence": [str(e) for e in finding.evidence], "base_spec": lineage["spec_file"],
+            "evidence": [str(e) for e in finding.evidence], "base_spec": str(Path(lineage["spec_file"]).resolve()),
             "base_spec_hash": lineage["spec_hash"], "overrides": lineage.get("overrides", []), "ops": ops,
             "created": dt.datetime.now().isoformat(timespec="seconds")}
 
@@ -93,6 +96,7 @@ def write_patched_spec(patch: dict) -> PatchRecord:
 
     _check(patch)
     base = Path(patch["base_spec"])
+    _refuse_duplicate(patch, base)
     name, n = _next_name(base)
     spec_path = base.parent / f"{name}.toml"
     patch_path = base.parent / "patches" / f"{name}.json"
@@ -117,7 +121,6 @@ def write_patched_spec(patch: dict) -> PatchRecord:
     for key, value in _nested(keys).items():
         doc.add(key, value)
     text = tomlkit.dumps(doc)
-    patch = {**patch, "output": str(spec_path)}
     patch_path.parent.mkdir(exist_ok=True)
     spec_path.write_text(text, encoding="utf-8")
     try:
@@ -125,15 +128,60 @@ def write_patched_spec(patch: dict) -> PatchRecord:
     except ForgeError:
         spec_path.unlink()
         raise
-    patch_path.write_text(json.dumps(patch, indent=2, default=str) + "\n", encoding="utf-8")
-    return PatchRecord(patch_path, spec_path, patch)
+    record = {**patch, "base_spec": base.name, "output": spec_path.name, "number": n}
+    patch_path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    return PatchRecord(patch_path, spec_path, record)
 
 
 def read_patch(path: Path) -> dict:
+    """A patch record, its paths resolved against the spec directory it lives in (<spec dir>/patches/)."""
     try:
         patch = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ForgeError(f"{path}: not a readable patch record ({err})") from None
-    if patch.get("format") != FORMAT or not isinstance(patch.get("ops"), list):
-        raise ForgeError(f"{path}: not a forge patch record (format {patch.get('format')!r})")
-    return patch
+    if not isinstance(patch, dict) or patch.get("format") != FORMAT or not isinstance(patch.get("ops"), list):
+        raise ForgeError(f"{path}: not a forge patch record (format {patch.get('format')!r})"
+                         if isinstance(patch, dict) else f"{path}: not a forge patch record")
+    spec_dir = path.resolve().parent.parent
+    return {**patch, "base_spec": str(spec_dir / patch["base_spec"])}
+
+
+def _changes(patch: dict) -> set[tuple[str, str]]:
+    return {(op["path"], json.dumps(op["value"], sort_keys=True)) for op in patch["ops"] if op["op"] == "replace"}
+
+
+def _refuse_duplicate(patch: dict, base: Path) -> None:
+    """The same change on the same base spec twice (diagnosing one run again) would write r2 == r1."""
+    for path in sorted((base.parent / "patches").glob("*.json")):
+        try:
+            other = read_patch(path)
+        except ForgeError:
+            continue
+        if Path(other["base_spec"]) == base and _changes(other) and _changes(other) <= _changes(patch):
+            raise ForgeError(f"not applied: {path.name} already made this change to {base.name} "
+                             f"({other.get('output')}); train that spec, or diagnose its run")
+
+
+def apply_finding(result, finding_id: str | None, remedy: int, run_id: str, lineage: dict) -> PatchRecord:
+    """--apply: the top finding's remedy, or the chosen finding's; never silently another's."""
+    found = result.findings
+    if finding_id is None:
+        if not found:
+            raise ForgeError(f"nothing to apply: no finding (verdict {result.verdict})")
+        chosen = found[0]
+    else:
+        chosen = next((v for v in result.verdicts if v.rule.id == finding_id), None)
+        if chosen is None:
+            raise ForgeError(f"--finding {finding_id}: no such rule; rules: {', '.join(v.rule.id for v in result.verdicts)}")
+        if chosen.state != "fired":
+            raise ForgeError(f"--finding {finding_id}: it did not fire on this run ({chosen.state}: {chosen.reason})")
+    if not chosen.suggestions:
+        if chosen.applied:
+            raise ForgeError(f"not applied: the remedy of {chosen.rule.id} is already in the spec chain "
+                             f"({'; '.join(chosen.applied)})")
+        others = [v.rule.id for v in found if v.suggestions and v is not chosen]
+        raise ForgeError(f"{chosen.rule.id} has no remedy as a spec change (see its explanation)"
+                         + (f"; apply another finding with --finding ID ({', '.join(others)})" if others else ""))
+    if remedy > len(chosen.suggestions):
+        raise ForgeError(f"{chosen.rule.id} has {len(chosen.suggestions)} remedies; --remedy {remedy} does not exist")
+    return write_patched_spec(build_patch(chosen, chosen.suggestions[remedy - 1], run_id, lineage))

@@ -1,57 +1,32 @@
-"""The debugging decision tree as data: rules (checklists/diagnose.toml) evaluated on a run's record.
+"""The debugging decision tree as data: rules (checklists/diagnose.toml) evaluated on a run's record
+with the shared rule engine (forge.metrics.engine).
 
-A rule fires when every one of its `when` conditions holds on the run's metrics (robust windowed
-signals, forge.diagnose.signals), every `requires` condition holds on the run's spec, and its
-`status` / `error_contains` match the run's status. A condition whose metric has too few points
-makes the rule undecidable (it does not fire). Each finding carries its evidence (the numbers and
-the steps they came from), a confidence, and the rule's remediations as spec changes.
+Every rule ends in one verdict:
+    fired        all its `when` conditions hold on the run's metrics (or its status matches)
+    clear        some condition fails: the evidence says this failure mode is absent
+                 (`recovered` when it would have fired earlier in the run: a spike that passed)
+    undecidable  no condition fails but some cannot be evaluated: the reason says why
+    n/a          its `requires` do not hold on the run's spec (the branch does not exist here)
+Findings (fired) rank by the design's severity (critical before monitor), then confidence.
 """
 from __future__ import annotations
 
-import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from forge.diagnose.signals import SIGNALS, compute
 from forge.errors import Problem, SpecError
+from forge.metrics.catalogue import load_catalogue
+from forge.metrics.engine import (Condition, Outcome, Records, SpecCondition, all_of, evaluate, load_entries,
+                                  spec_value)
 from forge.spec.base import Section
 
 PROBLEMS = ("loss-not-decreasing", "act-pathological-halting", "gate-saturation", "out-of-memory",
-            "training-too-slow", "instability", "observability", "budget", "merge")
-
-_OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
-        "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
-
-
-class Condition(Section):
-    metric: str
-    signal: str
-    window: int = Field(5, ge=1)
-    op: Literal[">", ">=", "<", "<="]
-    value: Optional[float] = None
-    value_key: Optional[str] = Field(None, description="Threshold read from the run's spec (dotted key) ...")
-    value_offset: float = Field(0.0, description="... plus this offset (e.g. t_max - 0.1).")
-    after_key: Optional[str] = Field(None, description="Only points at steps >= this spec value "
-                                                       "(e.g. model.act.warmup_steps).")
-    relative_to: Optional[str] = Field(None, description="Compare signal(metric) / signal(relative_to).")
-
-    @model_validator(mode="after")
-    def check(self) -> "Condition":
-        if self.signal not in SIGNALS:
-            raise ValueError(f"unknown signal {self.signal!r}; known: {', '.join(SIGNALS)}")
-        if (self.value is None) == (self.value_key is None):
-            raise ValueError("give exactly one of value / value_key")
-        return self
-
-
-class SpecCondition(Section):
-    key: str
-    op: Literal["==", "!=", ">", ">=", "<", "<=", "set"]
-    value: Any = None
+            "training-too-slow", "instability", "observability", "budget", "merge", "run")
+STATES = ("fired", "undecidable", "clear", "n/a")
+RUN_STATUSES = ("running", "finished", "failed", "interrupted", "stale")
 
 
 class Remedy(Section):
@@ -67,36 +42,27 @@ class Remedy(Section):
 
 
 class Rule(Section):
-    id: str = Field(pattern=r"^[A-G][1-3]-[a-z0-9-]+$")
+    id: str = Field(pattern=r"^([A-G][1-3]|RUN|OBS|PERF)-[a-z0-9-]+$")
     problem: Literal[PROBLEMS]  # type: ignore[valid-type]
+    severity: Literal["critical", "monitor"] = Field(description="The design's criticality: critical findings "
+                                                                  "rank before monitor findings.")
     title: str
     explain: str
     when: list[Condition] = Field(default_factory=list)
     requires: list[SpecCondition] = Field(default_factory=list)
-    status: Optional[Literal["running", "finished", "failed", "interrupted"]] = None
+    status: list[Literal[RUN_STATUSES]] = Field(default_factory=list)  # type: ignore[valid-type]
     error_contains: Optional[str] = None
+    error_lacks: Optional[str] = None
+    on_spec: bool = Field(False, description="Fires whenever `requires` hold (a spec-only finding).")
+    monitor: bool = Field(False, description="A during-training monitor evaluated over the whole run: ranks "
+                                             "after the tree's rules of the same severity.")
     remedy: list[Remedy] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def check(self) -> "Rule":
-        if not (self.when or self.status or self.error_contains):
-            raise ValueError("a rule needs `when` conditions or a status / error_contains match")
+        if not (self.when or self.status or self.on_spec):
+            raise ValueError("a rule needs `when` conditions, a `status` match or on_spec = true")
         return self
-
-
-@dataclass(frozen=True)
-class Evidence:
-    metric: str
-    signal: str
-    value: float
-    op: str
-    threshold: float
-    first_step: int
-    last_step: int
-
-    def __str__(self) -> str:
-        return (f"{self.metric} {self.signal} {self.value:.4g} {self.op} {self.threshold:.4g} "
-                f"(steps {self.first_step}-{self.last_step})")
 
 
 @dataclass(frozen=True)
@@ -113,108 +79,110 @@ class Suggestion:
 
 
 @dataclass
-class Finding:
+class Verdict:
     rule: Rule
-    evidence: list[Evidence]
-    confidence: float
+    state: str                       # fired | clear | undecidable | n/a
+    evidence: list[Outcome] = field(default_factory=list)
+    confidence: float = 0.0
     suggestions: list[Suggestion] = field(default_factory=list)
-    note: str = ""
+    recovered: str = ""              # clear now; fired earlier (steps)
+    applied: list[str] = field(default_factory=list)   # remedies the spec already carries
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(o.text for o in self.evidence)
+
+    def rank(self) -> tuple:
+        return STATES.index(self.state), self.rule.severity != "critical", self.rule.monitor, -self.confidence
+
 
 
 def load_rules(path: Path) -> list[Rule]:
-    text = path.read_text(encoding="utf-8")
-    raw = tomllib.loads(text)
-    rules = []
-    for n, entry in enumerate(raw.get("rule", [])):
-        try:
-            rules.append(Rule.model_validate(entry))
-        except ValidationError as err:
-            e = err.errors()[0]
-            raise SpecError([Problem(str(path), f"rule.{n}." + ".".join(map(str, e["loc"])), e["msg"])],
-                            header="invalid diagnose rules") from None
+    rules = load_entries(path, "rule", Rule, "invalid diagnose rules", lambda r: r.when)
     ids = [r.id for r in rules]
     if len(ids) != len(set(ids)):
         raise SpecError([Problem(str(path), "rule.id", "rule ids must be unique")], header="invalid diagnose rules")
     return rules
 
 
-def spec_value(spec: dict, dotted: str) -> Any:
-    """The value at a dotted key; None for an optional key the spec leaves unset."""
-    node: Any = spec
-    for part in dotted.split("."):
-        if isinstance(node, list):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node
+def _status_outcome(rule: Rule, status: dict) -> Outcome:
+    name = status.get("status")
+    if name is None:
+        return Outcome("undecidable", "no run status (status.json)")
+    error = str(status.get("error") or "")
+    matches = (name in rule.status and (rule.error_contains is None or rule.error_contains.lower() in error.lower())
+               and (rule.error_lacks is None or rule.error_lacks.lower() not in error.lower()))
+    shown = f"status {name}" + (f" at step {status['step']}" if status.get("step") is not None else "")
+    shown += f": {error[:200]}" if error else ""
+    return Outcome("holds" if matches else "fails", shown, margin=1.0)
 
 
-def _series(records: list[dict], metric: str, after: int) -> list[tuple[int, float]]:
-    return [(r["step"], r[metric]) for r in records if metric in r and r["step"] >= after]
+def evaluate_rule(rule: Rule, recs: Records, spec: dict, status: dict | None) -> Verdict:
+    """status None: a plain metrics file, which has no run status (status rules are n/a)."""
+    if rule.status and status is None:
+        return Verdict(rule, "n/a", [Outcome("fails", "no run status: a plain metrics file")])
+    if not all(req.holds(spec) for req in rule.requires):
+        unmet = [r for r in rule.requires if not r.holds(spec)]
+        return Verdict(rule, "n/a", [Outcome("fails", f"spec: {unmet[0].key} = {spec_value(spec, unmet[0].key)!r}")])
+    outcomes = [_status_outcome(rule, status)] if rule.status else []
+    outcomes += [evaluate(c, recs, spec) for c in rule.when]
+    if rule.on_spec:
+        outcomes.append(Outcome("holds", "spec: " + ", ".join(f"{r.key} = {spec_value(spec, r.key)!r}"
+                                                               for r in rule.requires), margin=1.0))
+    state = {"holds": "fired", "fails": "clear", "undecidable": "undecidable"}[all_of(outcomes)]
+    if state == "clear":   # the failing condition is the evidence; undecidable ones say what else is missing
+        outcomes = [o for o in outcomes if o.state == "fails"][:1]
+    elif state == "undecidable":
+        outcomes = [o for o in outcomes if o.state == "undecidable"]
+    confidence = 0.5 + 0.5 * sum(o.margin for o in outcomes) / len(outcomes) if state == "fired" else 0.0
+    suggestions, applied = _suggestions(rule, spec)
+    return Verdict(rule, state, outcomes, round(confidence, 3), suggestions, applied=applied)
 
 
-def _metric_name(name: str, spec: dict) -> str:
-    """`{last}` in a metric name is the last outer step (t_max - 1), e.g. loss/step_{last}."""
-    return name.format(last=spec["model"]["trm"]["t_max"] - 1) if "{" in name else name
+def _cutoffs(recs: Records, points: int = 40) -> list[tuple[int, Records]]:
+    """The run as it stood at up to `points` earlier logged steps."""
+    steps = recs.steps[:-1]
+    return [(s, recs.upto(s)) for s in steps[::max(1, len(steps) // points)]]
 
 
-def _margin(value: float, threshold: float) -> float:
-    scale = max(abs(threshold), 1e-3)
-    return min(1.0, abs(value - threshold) / scale)
+def _recovered(rule: Rule, cutoffs: list[tuple[int, Records]], spec: dict, status: dict) -> str:
+    """A rule that is clear now but would have fired earlier in the run: a spike that recovered is
+    reported as such, not as a persistent fault."""
+    if not rule.when or rule.status:
+        return ""
+    hits = [s for s, recs in cutoffs if evaluate_rule(rule, recs, spec, status).state == "fired"]
+    return f"fired at steps {hits[0]}-{hits[-1]}, clear since" if hits else ""
 
 
-def evaluate_rule(rule: Rule, records: list[dict], spec: dict, status: dict) -> Finding | None:
-    if rule.status and status.get("status") != rule.status:
-        return None
-    if rule.error_contains and rule.error_contains.lower() not in str(status.get("error", "")).lower():
-        return None
-    for req in rule.requires:
-        current = spec_value(spec, req.key)
-        if req.op == "set":
-            if current is None:
-                return None
-        elif current is None or not _OPS[req.op](current, req.value):
-            return None
-    evidence = []
-    for cond in rule.when:
-        after = int(spec_value(spec, cond.after_key)) if cond.after_key else 0
-        threshold = cond.value if cond.value is not None else float(spec_value(spec, cond.value_key)) + cond.value_offset
-        metric = _metric_name(cond.metric, spec)
-        got = compute(cond.signal, _series(records, metric, after), cond.window)
-        if got is None:
-            return None
-        value, first, last = got
-        if cond.relative_to:
-            metric = f"{metric} / {_metric_name(cond.relative_to, spec)}"
-            base = compute(cond.signal, _series(records, _metric_name(cond.relative_to, spec), after), cond.window)
-            if base is None or base[0] == 0:
-                return None
-            value = value / base[0]
-        if math.isnan(value) or not _OPS[cond.op](value, threshold):
-            return None
-        evidence.append(Evidence(metric, cond.signal, value, cond.op, threshold, first, last))
-    margins = [_margin(e.value, e.threshold) for e in evidence]
-    confidence = 0.5 + 0.5 * (sum(margins) / len(margins)) if margins else 0.9
-    return Finding(rule, evidence, round(confidence, 3), _suggestions(rule, spec))
-
-
-def _suggestions(rule: Rule, spec: dict) -> list[Suggestion]:
-    out = []
+def _suggestions(rule: Rule, spec: dict) -> tuple[list[Suggestion], list[str]]:
+    out, applied = [], []
     for remedy in rule.remedy:
         changes = [Change(k, spec_value(spec, k), v) for k, v in remedy.set.items()]
         for key, factor in remedy.scale.items():
             before = spec_value(spec, key)
-            after = before * factor
-            changes.append(Change(key, before, int(after) if isinstance(before, int) else after))
+            if isinstance(before, (int, float)):
+                after = before * factor
+                changes.append(Change(key, before, int(after) if isinstance(before, int) else after))
+        if changes and all(c.before == c.after for c in changes):
+            applied.append(remedy.rationale)      # the spec chain already carries it: no suggestion
+            continue
         changes = [c for c in changes if c.before != c.after]
-        if changes:  # a remedy the spec already carries is no suggestion
+        if changes:
             out.append(Suggestion(tuple(changes), remedy.rationale))
-    return out
+    return out, applied
 
 
-def diagnose(rules: list[Rule], records: list[dict], spec: dict, status: dict) -> list[Finding]:
-    """Every finding, most confident first."""
-    findings = [f for f in (evaluate_rule(r, records, spec, status) for r in rules) if f is not None]
-    return sorted(findings, key=lambda f: -f.confidence)
+def diagnose(rules: list[Rule], records: list[dict] | Records, spec: dict, status: dict) -> list[Verdict]:
+    """Every rule's verdict: findings first (critical, then most confident), then undecidable, clear, n/a."""
+    recs = records if isinstance(records, Records) else Records(records, load_catalogue())
+    verdicts, cutoffs = [], _cutoffs(recs)
+    for rule in rules:
+        v = evaluate_rule(rule, recs, spec, status)
+        if v.state == "clear":
+            v.recovered = _recovered(rule, cutoffs, spec, status)
+        verdicts.append(v)
+    return sorted(verdicts, key=Verdict.rank)
+
+
+def findings(verdicts: list[Verdict]) -> list[Verdict]:
+    return [v for v in verdicts if v.state == "fired"]

@@ -84,7 +84,7 @@ class MuonGrokfast:
             if collect_metrics:
                 # design band 1.0-1.5: how much the filter g + lam * g_ema amplifies the raw gradient
                 # (lam 0.3 with an aligned EMA gives ~1.3; far above 1.5 the slow component dominates, D1)
-                metrics["optim/grad_ema_norm"] = self.grokfast.ema_norm()
+                metrics["optim/grokfast_ema_norm"] = self.grokfast.ema_norm()
                 metrics["optim/grad_ema_ratio"] = grad_norm / raw_norm
         metrics["optim/grad_norm"] = grad_norm
         torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
@@ -111,7 +111,7 @@ class MuonGrokfast:
 
     def metrics(self) -> dict[str, Any]:
         """Metrics of the last step: grad norms, lr applied per group (optim/lr_<group>) and, if that
-        step collected them, optim/grad_ema_norm, optim/grad_ema_ratio, optim/ortho_error,
+        step collected them, optim/grokfast_ema_norm, optim/grad_ema_ratio, optim/ortho_error,
         optim/effective_rank. Values are floats or 0-dim tensors computed from the step's tensors."""
         return dict(self._metrics)
 

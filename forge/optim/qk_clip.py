@@ -44,7 +44,7 @@ def set_max_logit_tracking(model: nn.Module, enabled: bool) -> int:
 def qk_clip(model: nn.Module, spec: QKClipSpec) -> int:
     """Rescale the W_Q/W_K rows of every head whose recorded max logit exceeds spec.tau; consume the
     records (max_logit <- None; a module without a record since the last call is left alone). Returns
-    the number of heads clipped (log it as optim/qk_clip_count).
+    the number of heads clipped (logged as optim/qk_clip_heads).
 
     Under torch.distributed the maxima are all-reduced (MAX) first, so every rank clips identically.
     """

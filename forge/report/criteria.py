@@ -1,15 +1,34 @@
 """The design's success-criteria table, computed from a run's records only (forge/report never
-imports the training code: it reads the run directory)."""
+imports the training code: it reads the run directory). The rows are data: `[[criterion]]` tables of
+the run's checklist (checklists/phase1.toml; tiny.toml overrides rows by id), each a pass condition
+evaluated by the shared rule engine (forge.metrics.engine). A row without evidence is n/a with the
+reason, never pass."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
-from forge.diagnose.signals import spikes
-from forge.train.metrics_log import read_metrics
+from pydantic import Field
+
+from forge.metrics.catalogue import load_catalogue
+from forge.metrics.engine import (Condition, Records, SpecCondition, all_of, evaluate, load_entries, run_spec,
+                                  spec_value)
+from forge.metrics.jsonl import read_metric_stream
+from forge.spec.base import Section
 from forge.train.run_dir import RunDir
+
+
+class CriterionSpec(Section):
+    id: str = Field(pattern=r"^[A-G][1-3]-[a-z0-9-]+$")
+    title: str
+    target: str
+    design: str = Field(min_length=1, description="The design's success-table row this criterion implements.")
+    when: list[Condition] = Field(min_length=1, description="Pass conditions (all must hold).")
+    requires: list[SpecCondition] = Field(default_factory=list, description="Where the row applies (else n/a).")
+    warn_margin: float = Field(0.1, ge=0, description="A miss within this relative distance warns.")
+    severity: Literal["critical", "monitor"] = "critical"
+    measured: Optional[str] = Field(None, description="Metric shown as measured [default: the first condition's].")
 
 
 @dataclass(frozen=True)
@@ -19,6 +38,7 @@ class Criterion:
     target: str
     status: str          # pass | warn | fail | n/a
     note: str = ""
+    id: str = ""
 
     def shown(self) -> str:
         if self.measured is None:
@@ -36,12 +56,14 @@ class RunRecord:
     spec: dict[str, Any]
     status: dict[str, Any]
     checklist: dict[str, Any]
+    skipped: list[str]
 
     @classmethod
     def load(cls, run: RunDir) -> "RunRecord":
-        spec = run.spec_data()
+        spec = run_spec(run)
         checklist = run.read("checklist.json") if (run.path / "checklist.json").is_file() else {}
-        return cls(run, read_metrics(run.metrics_path), spec, run.status() or {}, checklist)
+        stream = read_metric_stream(run.metrics_path)
+        return cls(run, stream.records, spec, run.status() or {}, checklist, stream.problems())
 
     def series(self, metric: str) -> list[tuple[int, float]]:
         return [(r["step"], r[metric]) for r in self.records
@@ -50,73 +72,40 @@ class RunRecord:
     def values(self, metric: str) -> list[float]:
         return [v for _, v in self.series(metric)]
 
-    def tail_mean(self, metric: str, n: int = 5) -> float | None:
-        vals = self.values(metric)[-n:]
-        return sum(vals) / len(vals) if vals else None
 
-    def last(self, metric: str) -> float | None:
-        vals = self.values(metric)
-        return vals[-1] if vals else None
+def load_criteria(checklist: str) -> list[CriterionSpec]:
+    from forge.checklist.items import checklist_dir
 
-
-def _band(value: float | None, low: float | None, high: float | None, warn_margin: float = 0.1) -> str:
-    if value is None:
-        return "n/a"
-    inside = (low is None or value >= low) and (high is None or value <= high)
-    if inside:
-        return "pass"
-    near = ((low is None or value >= low * (1 - warn_margin)) and
-            (high is None or value <= high * (1 + warn_margin)))
-    return "warn" if near else "fail"
+    return load_entries(checklist_dir() / f"{checklist}.toml", "criterion", CriterionSpec,
+                        "invalid success criteria", lambda c: c.when)
 
 
-def _budget(rec: RunRecord) -> tuple[float | None, str, str]:
-    item = next((i for i in rec.checklist.get("items", []) if i["id"] == "B1-param-budget"), None)
-    count = rec.last("config/param_count")
-    if item is None or item["status"] == "skip" or not isinstance(item.get("data"), dict):
-        return count, "design budget (see checklist)", "n/a" if count is None else "warn"
-    measured = item["data"].get("total", count)
-    return measured, item.get("expected", ""), "pass" if item["status"] == "pass" else "fail"
+def evaluate_criterion(crit: CriterionSpec, recs: Records, spec: dict) -> Criterion:
+    unmet = [r for r in crit.requires if not r.holds(spec)]
+    if unmet:
+        return Criterion(crit.title, None, crit.target, "n/a",
+                         f"does not apply: {unmet[0].key} = {spec_value(spec, unmet[0].key)!r}", crit.id)
+    outcomes = [evaluate(c, recs, spec) for c in crit.when]
+    state = all_of(outcomes)
+    measured = next((o.value for o in outcomes if o.value is not None), None)
+    if crit.measured:
+        values = recs.values(crit.measured)
+        measured = values[-1] if values else None
+    if state == "undecidable":
+        reason = "; ".join(o.text for o in outcomes if o.state == "undecidable")
+        return Criterion(crit.title, measured, crit.target, "n/a", f"no evidence: {reason}", crit.id)
+    if state == "holds":
+        return Criterion(crit.title, measured, crit.target, "pass", crit.design, crit.id)
+    missed = [o for o in outcomes if o.state == "fails"]
+    near = all(o.margin <= crit.warn_margin for o in missed)
+    return Criterion(crit.title, measured, crit.target, "warn" if near else "fail",
+                     "; ".join(o.text for o in missed), crit.id)
 
 
 def success_criteria(rec: RunRecord) -> list[Criterion]:
-    rows: list[Criterion] = []
-    measured, target, status = _budget(rec)
-    rows.append(Criterion("parameter budget", measured, target or "25M +/- 1M", status))
-    losses = rec.values("loss/total")
-    n_spikes = spikes(losses) if len(losses) >= 5 else None
-    rows.append(Criterion("loss smoothness (spikes)", n_spikes, "0 spikes (robust z > 5)",
-                          "n/a" if n_spikes is None else ("pass" if n_spikes == 0 else "warn")))
-    halt_steps = rec.last("valid/halt/avg_steps")
-    steps = halt_steps if halt_steps is not None else rec.tail_mean("act/avg_steps")
-    t_max = rec.spec["model"]["trm"]["t_max"]
-    rows.append(Criterion("ACT avg steps (eval, halting)", steps, f"2-4 (t_max {t_max})", _band(steps, 2.0, 4.0)))
-    entropy = rec.tail_mean("gate/entropy")
-    rows.append(Criterion("gate entropy (nats)", entropy, "> 0.5", _band(entropy, 0.5, None)))
-    y_usage = rec.tail_mean("gate/y_usage")
-    rows.append(Criterion("gate y usage", y_usage, "0.30-0.70", _band(y_usage, 0.3, 0.7)))
-    clips = rec.values("optim/qk_clip_count")
-    peak_clips = max(clips) if clips else None
-    rows.append(Criterion("QK-clip count per step (max)", peak_clips, "< 100", _band(peak_clips, None, 99)))
-    ts_ppl = rec.last("valid/tinystories/perplexity")
-    ppl = ts_ppl if ts_ppl is not None else rec.last("valid/perplexity")
-    rows.append(Criterion("valid perplexity" + (" (TinyStories)" if ts_ppl is not None else " (all sources)"),
-                          ppl, "< 20", _band(ppl, None, 20.0)))
-    bpb = rec.last("valid/bits_per_byte")
-    first_bpb = rec.values("valid/bits_per_byte")[:1]
-    rows.append(Criterion("valid bits per byte", bpb, "falling",
-                          "n/a" if bpb is None or not first_bpb else ("pass" if bpb < first_bpb[0] else "fail"),
-                          f"first eval {first_bpb[0]:.4g}" if first_bpb else ""))
-    speed = rec.tail_mean("perf/tokens_per_sec")
-    device = "GPU > 5000 tok/s" if str(rec.spec["train"]["device"]) == "cuda" else "CPU: reported"
-    rows.append(Criterion("training speed (tokens/s)", speed, device,
-                          "n/a" if speed is None else (_band(speed, 5000, None) if "GPU" in device else "pass")))
-    memory = rec.last("perf/peak_memory_gb")
-    rows.append(Criterion("peak memory (GB)", memory, "< 6", _band(memory, None, 6.0)))
-    fitness = rec.last("merge/fitness")
-    rows.append(Criterion("merge fitness vs parents", fitness, ">= 1 (merge no worse than parents)",
-                          "n/a" if fitness is None else ("pass" if fitness >= 1 else "warn" if fitness >= 0.8 else "fail")))
-    return rows
+    checklist = rec.spec.get("run", {}).get("checklist") or "phase1"
+    recs = Records(rec.records, load_catalogue())
+    return [evaluate_criterion(c, recs, rec.spec) for c in load_criteria(checklist)]
 
 
 PLOTS: dict[str, tuple[str, Callable[[RunRecord], list[str]]]] = {
@@ -125,7 +114,7 @@ PLOTS: dict[str, tuple[str, Callable[[RunRecord], list[str]]]] = {
     "valid_bpb": ("validation bits per byte", lambda r: ["valid/bits_per_byte", "valid/halt/bits_per_byte"]),
     "act_steps": ("ACT average steps", lambda r: ["act/avg_steps", "valid/halt/avg_steps"]),
     "gate_usage": ("MAG gate usage", lambda r: ["gate/y_usage", "gate/m_usage", "gate/entropy"]),
-    "grad_norms": ("gradient norms", lambda r: ["optim/grad_raw_norm", "optim/grad_ema_norm", "optim/grad_norm"]),
+    "grad_norms": ("gradient norms", lambda r: ["optim/grad_raw_norm", "optim/grokfast_ema_norm", "optim/grad_norm"]),
     "lr": ("learning rate", lambda r: sorted(k for k in {k for x in r.records for k in x} if k.startswith("optim/lr_"))),
     "tokens_per_sec": ("throughput (tokens/s)", lambda r: ["perf/tokens_per_sec"]),
     "probes": ("probes: reasoning (A1), long/short range (B2), position (E1)",

@@ -2,10 +2,11 @@
 overviews, all read from the run directory (metrics.jsonl, samples.jsonl, heatmaps/step-*/)."""
 from __future__ import annotations
 
-import json
+import math
 import re
 from pathlib import Path
 
+from forge.metrics.jsonl import read_objects
 from forge.report.criteria import RunRecord
 
 # (metric, what it detects); per-distance position metrics are appended from the records
@@ -37,7 +38,7 @@ def latest_samples(rec: RunRecord) -> tuple[int | None, list[dict]]:
     path = rec.run.path / "samples.jsonl"
     if not path.is_file():
         return None, []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in read_objects(path).records if isinstance(r.get("step"), int)]
     if not rows:
         return None, []
     step = rows[-1]["step"]
@@ -48,7 +49,7 @@ def halting_histogram(rec: RunRecord) -> tuple[int, list[float]] | None:
     """(step, share of held-out tokens per outer step) at the last evaluation that logged it."""
     for record in reversed(rec.records):
         shares = {int(m.group(1)): v for k, v in record.items() if (m := HALT_SHARE.match(k))}
-        if shares:
+        if shares and all(isinstance(v, (int, float)) and math.isfinite(v) for v in shares.values()):
             return record["step"], [shares[t] for t in sorted(shares)]
     return None
 

@@ -10,6 +10,8 @@ from forge.report.criteria import PLOTS, RunRecord, success_criteria
 from forge.report.probes import halting_histogram, latest_samples, probe_rows, write_probe_plots
 
 BLOCKS = "▁▂▃▄▅▆▇█"
+CURVES = ("loss/total", "valid/bits_per_byte", "act/avg_steps", "gate/y_usage", "optim/grad_norm",
+          "perf/tokens_per_sec")
 STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "n/a": "dim"}
 
 
@@ -74,8 +76,7 @@ def render_terminal(rec: RunRecord, plots: list[Path]) -> None:
     curves = Table(title="curves", title_justify="left", show_header=True)
     for col in ("metric", "first", "last", "trend"):
         curves.add_column(col)
-    for metric in ("loss/total", "valid/bits_per_byte", "act/avg_steps", "gate/y_usage", "optim/grad_norm",
-                   "perf/tokens_per_sec"):
+    for metric in CURVES:
         values = rec.values(metric)
         if values:
             curves.add_row(metric, f"{values[0]:.4g}", f"{values[-1]:.4g}", sparkline(values))

@@ -83,8 +83,8 @@ class Trainer:
         self.counters = Counters()
         self.stop_reason: str | None = None
         # "logged"/"plain": summed time and count of steps with and without metric collection (F1)
-        self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "window_tokens": 0, "window_time": 0.0,
-                        "logged": [0.0, 0], "plain": [0.0, 0]}
+        self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "checkpoint": 0.0, "window_tokens": 0,
+                        "window_time": 0.0, "logged": [0.0, 0], "plain": [0.0, 0]}
         self._flops_by_seq_len: dict[int, float] = {}
         from forge.optim import attention_modules
 
@@ -118,7 +118,7 @@ class Trainer:
         """Write a checkpoint (and prune old ones); with checkpoint.async_save in a background thread, from a
         CPU snapshot taken now, while training goes on. Under DDP every rank calls this: the replicas are
         compared first (a collective), then rank 0 writes."""
-        step = self.counters.step
+        step, t0 = self.counters.step, time.perf_counter()
         if self.world.distributed and not distributed.replicas_identical(self.parts.model, self.parts.device):
             raise RuntimeError(f"the {self.world.size} replicas of the model differ at step {step}: a rank-local "
                                "update broke data parallelism (this is a bug in forge; please report it)")
@@ -135,6 +135,7 @@ class Trainer:
         else:
             self._writer.submit(write, *ckpt.snapshot(self.parts.model, self.state_dict()))
         self.run.set_status("running", step=step)  # forge runs shows progress between checkpoints
+        self._timing["checkpoint"] += time.perf_counter() - t0   # training blocked (F2: perf/checkpoint_fraction)
 
     def wait_for_checkpoint(self) -> None:
         """Block until a background checkpoint write is on disk (raises its error, if any)."""
@@ -205,7 +206,8 @@ class Trainer:
         if self.world.distributed:   # model statistics are per rank (optimizer metrics are equal on every rank)
             metrics = distributed.reduce_metrics(metrics, self.parts.device)
         metrics.update(opt.metrics())
-        metrics.update({"optim/qk_clip_count": clipped, "optim/qk_clip_fraction": clipped / self._n_heads,
+        metrics.update({"optim/qk_clip_heads": clipped, "optim/qk_clip_total": c.qk_clip_total,
+                        "optim/qk_clip_fraction": clipped / self._n_heads,
                         "optim/nonfinite_count": c.nonfinite_total,
                         "perf/step_time": elapsed, "perf/data_time": t_data})
         return metrics
@@ -230,6 +232,8 @@ class Trainer:
                "perf/peak_memory_gb": self._peak_memory_gb(),
                "perf/logging_fraction": self._logging_fraction(),
                "perf/data_fraction": t["data"] / max(t["train"], 1e-9),
+               "perf/checkpoint_fraction": t["checkpoint"] / max(t["train"] + t["checkpoint"], 1e-9),
+               "data/seq_len": float(self.parts.loader.seq_len_at(max(0, self.counters.step - 1))),
                "config/param_count": float(sum(p.numel() for p in self.parts.model.parameters()))}
         if self._peak_flops:   # every rank has the peak measured on rank 0's device
             out["perf/mfu"] = (out["perf/tokens_per_sec"] * self._flops_per_token()

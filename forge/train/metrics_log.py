@@ -16,16 +16,11 @@ HISTOGRAM_QUANTILES = [0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl; a torn last line (a kill mid-write) is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+    """Every readable record of a metrics.jsonl (forge.metrics.jsonl: a torn or malformed line anywhere is
+    skipped, never the end of reading)."""
+    from forge.metrics.jsonl import read_metric_stream
+
+    return read_metric_stream(path).records
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -1,23 +1,24 @@
 """The during-training checklist: monitors (data in checklists/<name>.toml, `[[monitor]]` tables)
-evaluated on the metrics stream as the run goes. Each monitor reads logged records only, over a
-window of the most recent logging steps, so a single noisy step never fires it.
+evaluated on the metrics stream as the run goes, with the shared rule engine (forge.metrics.engine):
+each reads logged records only, over a window of the most recent logging steps, so a single noisy
+step never fires it. `forge diagnose` evaluates the same monitors over the whole run.
 
-Kinds:
-    range       mean of `metric` over the window lies in [min, max] (either bound optional)
-    decreasing  least-squares slope of `metric` over the window is < 0
-    no_spike    latest value is not more than `z` standard deviations above the window's mean
-    ordered     mean values of `metrics` (a list) are strictly decreasing (or increasing) in list order
+Kinds (each compiles to one engine condition that holds when the monitor warns):
+    range       mean of `metric` over the window outside [min, max] (either bound optional)
+    decreasing  trend (least-squares) of `metric` over the window is not below 0
+    no_spike    latest value more than `z` standard deviations above the window before it
+    ordered     window means of `metrics` (a list) not strictly decreasing (or increasing) in list order
 """
 from __future__ import annotations
 
-import math
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from forge.errors import Problem, SpecError
+from forge.metrics.catalogue import load_catalogue
+from forge.metrics.engine import Condition, Records, load_entries
+from forge.metrics.engine import evaluate as evaluate_condition
 from forge.spec.base import Section
 
 
@@ -44,6 +45,23 @@ class Monitor(Section):
             raise ValueError("kind 'range' needs `min` and/or `max`")
         return self
 
+    @property
+    def condition(self) -> Condition:
+        """The engine condition that holds when this monitor warns."""
+        common = dict(window=self.window, after_step=self.after_step)
+        if self.kind == "ordered":
+            return Condition(metrics=self.metrics, signal="disorder", direction=self.direction, op=">", value=0,
+                             **common)
+        if self.kind == "decreasing":
+            return Condition(metric=self.metric, signal="trend", op=">=", value=0, **common)
+        if self.kind == "no_spike":
+            return Condition(metric=self.metric, signal="zlast", op=">", value=self.z, **common)
+        if self.min is not None and self.max is not None:
+            return Condition(metric=self.metric, signal="mean", op="outside", range=[self.min, self.max], **common)
+        if self.min is not None:
+            return Condition(metric=self.metric, signal="mean", op="<", value=self.min, **common)
+        return Condition(metric=self.metric, signal="mean", op=">", value=self.max, **common)
+
 
 @dataclass(frozen=True)
 class MonitorWarning:
@@ -54,26 +72,19 @@ class MonitorWarning:
 
 
 def load_monitors(name: str) -> list[Monitor]:
-    """`[[monitor]]` tables of checklists/<name>.toml (extends followed; same id overrides)."""
+    """`[[monitor]]` tables of checklists/<name>.toml (extends followed; same id overrides); every metric
+    they name must be in the catalogue."""
     from forge.checklist.items import checklist_dir
 
-    def read(path, seen=()) -> dict[str, dict]:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        out: dict[str, dict] = read(path.parent / raw["extends"], (*seen, path)) if "extends" in raw else {}
-        for entry in raw.get("monitor", []):
-            out[entry["id"]] = {**out.get(entry["id"], {}), **entry}
-        return out
+    return load_entries(checklist_dir() / f"{name}.toml", "monitor", Monitor, "invalid monitors",
+                        lambda m: [m.condition])
 
-    path = checklist_dir() / f"{name}.toml"
-    monitors = []
-    for n, entry in enumerate(read(path).values()):
-        try:
-            monitors.append(Monitor.model_validate(entry))
-        except ValidationError as err:
-            e = err.errors()[0]
-            raise SpecError([Problem(str(path), f"monitor.{n}." + ".".join(map(str, e["loc"])), e["msg"])],
-                            header="invalid monitors") from None
-    return monitors
+
+def evaluate(m: Monitor, history: list[dict[str, Any]] | Records) -> str | None:
+    """The evidence when the monitor warns; None when healthy or not decidable yet."""
+    recs = history if isinstance(history, Records) else Records(history, load_catalogue())
+    out = evaluate_condition(m.condition, recs, {})
+    return out.text if out.state == "holds" else None
 
 
 class MonitorSet:
@@ -83,56 +94,17 @@ class MonitorSet:
         self.monitors = monitors
         self.history: list[dict[str, Any]] = []
         self.active: set[str] = set()
+        self._catalogue = load_catalogue() if monitors else None
 
     def observe(self, record: dict[str, Any]) -> list[MonitorWarning]:
         self.history.append(record)
+        recs = Records(self.history, self._catalogue) if self.monitors else None
         fired = []
         for m in self.monitors:
-            measured = evaluate(m, self.history)
+            measured = evaluate(m, recs)
             if measured is None:
                 self.active.discard(m.id)
             elif m.id not in self.active:  # report when it starts firing, not at every step
                 self.active.add(m.id)
                 fired.append(MonitorWarning(record["step"], m.id, m.title, measured))
         return fired
-
-
-def _series(history: list[dict], metric: str, window: int, after: int) -> list[float]:
-    values = [r[metric] for r in history if r.get("step", 0) >= after and isinstance(r.get(metric), (int, float))]
-    return values[-window:]
-
-
-def evaluate(m: Monitor, history: list[dict[str, Any]]) -> str | None:
-    """None when healthy (or not enough data yet), else the measured evidence."""
-    if m.kind == "ordered":
-        series = [_series(history, name, m.window, m.after_step) for name in m.metrics]
-        if any(len(s) < m.window for s in series):
-            return None
-        means = [sum(s) / len(s) for s in series]
-        pairs = zip(means, means[1:])
-        ok = all(a > b for a, b in pairs) if m.direction == "decreasing" else all(a < b for a, b in pairs)
-        return None if ok else ", ".join(f"{n}={v:.4g}" for n, v in zip(m.metrics, means))
-    values = _series(history, m.metric, m.window, m.after_step)
-    if len(values) < m.window:
-        return None
-    if m.kind == "range":
-        mean = sum(values) / len(values)
-        low = m.min is not None and mean < m.min
-        high = m.max is not None and mean > m.max
-        return f"{m.metric} mean {mean:.4g} over {len(values)} logs" if (low or high) else None
-    if m.kind == "decreasing":
-        slope = _slope(values)
-        return None if slope < 0 else f"{m.metric} slope {slope:+.3g}/log over {len(values)} logs"
-    # no_spike: the latest value against the window before it
-    before, latest = values[:-1], values[-1]
-    mean = sum(before) / len(before)
-    std = math.sqrt(sum((v - mean) ** 2 for v in before) / len(before))
-    if std == 0 or (latest - mean) / std <= m.z:
-        return None
-    return f"{m.metric} {latest:.4g} is {(latest - mean) / std:.1f} sd above its window mean {mean:.4g}"
-
-
-def _slope(values: list[float]) -> float:
-    n = len(values)
-    xm, ym = (n - 1) / 2, sum(values) / n
-    return sum((i - xm) * (v - ym) for i, v in enumerate(values)) / sum((i - xm) ** 2 for i in range(n))

@@ -172,6 +172,19 @@ class RunDir:
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
 
+    def lock_held(self) -> bool:
+        """Whether a live process (another one) holds this run's lock: a "running" run without one is stale."""
+        path = self.path / ".lock"
+        if not path.is_file():
+            return False
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
     def unlock(self) -> None:
         lock_file = getattr(self, "_lock_file", None)
         if lock_file is not None:

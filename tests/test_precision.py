@@ -164,3 +164,15 @@ def test_the_run_records_and_shows_its_precision(monkeypatch, run_cli, tmp_path)
     flops = model_flops_per_token(spec.model, spec.data.seq_len)["total"]
     # MFU against the fp32 peak, what the run's matmuls actually use
     assert last["perf/mfu"] == pytest.approx(last["perf/tokens_per_sec"] * flops / AVX2.fp32_flops)
+
+
+@pytest.mark.parametrize("setting, native, ns", [("auto", True, "bf16"), ("auto", False, "fp32"), ("fp32", True, "fp32")])
+def test_newton_schulz_runs_in_the_precision_of_the_step(monkeypatch, tmp_path, setting, native, ns):
+    """optim.muon.ns_dtype = "auto" (phase1's): bf16 Newton-Schulz exactly when the step runs in native bf16."""
+    from forge.train.components import build_components
+
+    machine(monkeypatch, native)
+    spec = load_spec(SPECS / "tiny.toml", [f"train.precision={setting}", "optim.muon.ns_dtype=auto"]).spec
+    parts = build_components(spec, tmp_path)
+    assert {g["ns_dtype"] for g in parts.optimizer.muon.param_groups} == {ns}
+    assert parts.precision.name == ("bf16" if setting == "auto" and native else "fp32")

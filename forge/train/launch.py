@@ -83,7 +83,6 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     from forge.train.loop import Trainer
     from forge.train.metrics_log import MetricsLog, read_metrics, truncate_after
     from forge.train.monitors import MonitorSet, load_monitors
-    from forge.train.precision import resolve_precision
     from forge.probes.suite import SAMPLES
 
     spec = resolved.spec
@@ -92,9 +91,9 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     main = world.main
     try:
         parts = build_components(spec, data_dir, world=world)
-        precision = resolve_precision(spec.train.precision, parts.device)
         if main:
-            run.write("environment.json", environment(spec.run.seed, str(parts.device), world.size, precision.record()))
+            run.write("environment.json", environment(spec.run.seed, str(parts.device), world.size,
+                                                      parts.precision.record()))
             parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
         latest = ckpt.latest_valid(run.checkpoints) if resume else None
         if resume and latest is None:
@@ -108,11 +107,11 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
             for record in read_metrics(run.metrics_path):
                 monitors.observe(record)
         live = LiveView(run.run_id, start_step, stop_at, tty=tty, quiet=not main)
-        live.note(f"precision: {precision.describe()}")
+        live.note(f"precision: {parts.precision.describe()}")
         if main:
             log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path,
                              spec.model_dump(mode="json"), warn=live.warn)
-        trainer = Trainer(resolved, run, parts, live, log, monitors, world, precision)
+        trainer = Trainer(resolved, run, parts, live, log, monitors, world)
         if latest is not None:
             trainer.restore(latest)
             live.note(f"resumed {run.run_id} from {latest.name}"

@@ -36,7 +36,7 @@ from forge.train.evaluate import evaluate, merge_preview
 from forge.train.live import LiveView
 from forge.train.metrics_log import MetricsLog
 from forge.train.monitors import MonitorSet
-from forge.train.precision import Precision, resolve_precision
+from forge.train.precision import resolve_precision
 from forge.train.run_dir import RunDir
 
 
@@ -51,10 +51,8 @@ class Counters:
 
 class Trainer:
     def __init__(self, resolved: ResolvedSpec, run: RunDir, parts: Components, live: LiveView,
-                 log: MetricsLog | None, monitors: MonitorSet, world: World = SINGLE,
-                 precision: Precision | None = None):
-        """`log` is None on ranks other than 0 (they write nothing). `precision`: train.precision resolved on
-        the device (forge.train.precision; resolved here when not given)."""
+                 log: MetricsLog | None, monitors: MonitorSet, world: World = SINGLE):
+        """`log` is None on ranks other than 0 (they write nothing)."""
         self.spec = resolved.spec
         self.spec_hash = resolved.hash
         self.run, self.parts, self.live, self.log, self.monitors = run, parts, live, log, monitors
@@ -72,7 +70,8 @@ class Trainer:
         from forge.optim import attention_modules
 
         self._n_heads = max(1, sum(m.n_heads for m in attention_modules(parts.model)))
-        self.precision = precision or resolve_precision(self.spec.train.precision, parts.device)
+        # train.precision resolved on the device (forge.train.precision): what _autocast and perf/mfu use
+        self.precision = parts.precision or resolve_precision(self.spec.train.precision, parts.device)
         parts.model.set_gradient_checkpointing(self.spec.train.gradient_checkpointing)
         self._writer = ckpt.BackgroundWriter() if self.spec.checkpoint.async_save else None
         self.probes = (ProbeSuite(self.spec.probes, self.spec.model.attention.sw_window, parts.data, self.spec.run.seed)

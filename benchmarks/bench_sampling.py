@@ -95,7 +95,8 @@ def main() -> None:
     results["n1_after_vs_before"] = results.get("n1", {}).get("speedup")
     print(table(["samples at once (--n)", "before tokens/s", "after tokens/s", "speedup", "same tokens",
                  "avg ACT steps"], rows))
-    write_result("sampling_quick" if args.quick else "sampling", {"before": args.before, "seed": spec_seed, "tokens": args.tokens,
+    name = "sampling" + ("" if args.threads == 2 else f"_threads{args.threads}") + ("_quick" if args.quick else "")
+    write_result(name, {"before": args.before, "seed": spec_seed, "tokens": args.tokens,
                               "prompt_tokens": len(prompt_ids), "threads": args.threads, "results": results})
 
 

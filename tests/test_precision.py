@@ -87,6 +87,13 @@ def test_the_peaks_are_measured_once_per_machine_and_cached(monkeypatch, tmp_pat
     (path,) = (tmp_path / "cache" / "machine").iterdir()
     saved = json.loads(path.read_text())
     assert saved["peaks"]["bf16_flops"] == NATIVE.bf16_flops and saved["key"]["threads"] == torch.get_num_threads()
+    # a training run (in a new process) measures again, once, and the cache keeps the best of each peak
+    prec._MEMO.clear(), prec._REFRESHED.clear()
+    monkeypatch.setattr(prec, "measure_peaks", lambda device: calls.append(2) or MachinePeaks(300e9, 500e9, 1024, "t"))
+    for _ in range(2):
+        refreshed = resolve_precision("auto", CPU, refresh=True).peaks
+    assert calls == [1, 2] and (refreshed.fp32_flops, refreshed.bf16_flops) == (300e9, NATIVE.bf16_flops)
+    assert json.loads(path.read_text())["peaks"]["fp32_flops"] == 300e9
 
 
 def test_the_real_measurement_recognises_emulated_bf16_quickly(monkeypatch):

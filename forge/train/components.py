@@ -48,7 +48,7 @@ def build_components(spec: Spec, data_dir: Path, cache_dir: Path | None = None, 
     seed_everything(spec.run.seed)
     model = build_model(spec.model, spec.objective).to(device)
     set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
-    precision = resolve_precision(spec.train.precision, device)
+    precision = resolve_precision(spec.train.precision, device, refresh=True)   # MFU's peak: best measured
     optimizer = build_optimizer(spec.optim, model, precision)     # optim.muon.ns_dtype = auto follows it
     schedule = build_lr_schedule(spec.train, optimizer)
     data = build_data(spec.data, vocab_size=spec.model.vocab_size, seed=spec.run.seed, data_dir=data_dir,

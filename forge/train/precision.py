@@ -11,8 +11,9 @@ over 100x *slower* (0.3-0.8 GFLOP/s against ~102). So "auto" asks two things of 
 
 and resolves to bf16 when both say native, else fp32. The measurement (the machine's fp32 and bf16 matmul
 peaks) is cached per machine under the forge cache dir ($FORGE_CACHE_DIR/machine/<key>.json, the key naming
-the device, its capability, the torch version and the thread count), so it runs once; the queries run every
-time (cheap). perf/mfu divides by the peak of the precision that actually runs, native only: a bf16 run on
+the device, its capability, the torch version and the thread count), so that `forge check` measures once;
+a training run measures again at its start (~0.1-0.3 s) and the cache keeps the best of each peak, so that a
+measurement taken under outside load does not stay the MFU's denominator. The queries run every time (cheap). perf/mfu divides by the peak of the precision that actually runs, native only: a bf16 run on
 a device that emulates bf16 is measured against the fp32 peak, the machine's real capability.
 """
 from __future__ import annotations
@@ -82,11 +83,12 @@ class Precision:
                 "peaks": asdict(self.peaks)}
 
 
-def resolve_precision(setting: str, device: torch.device) -> Precision:
+def resolve_precision(setting: str, device: torch.device, refresh: bool = False) -> Precision:
     """train.precision on `device`: auto -> bf16 where bf16 is native (queries and measured ratio), else fp32;
-    fp32 and bf16 as written (the checklist fails an explicit bf16 that is not native)."""
+    fp32 and bf16 as written (the checklist fails an explicit bf16 that is not native). refresh: see
+    machine_peaks (training runs refresh the cached peaks)."""
     query, capability = bf16_query(device)
-    peaks = machine_peaks(device)
+    peaks = machine_peaks(device, refresh)
     native = query and peaks.bf16_speedup >= MIN_BF16_SPEEDUP
     name = ("bf16" if native else "fp32") if setting == "auto" else setting
     return Precision(setting, name, device.type, capability, query, native, peaks)
@@ -139,6 +141,7 @@ def machine_key(device: torch.device) -> dict:
 
 
 _MEMO: dict[Path, MachinePeaks] = {}
+_REFRESHED: set[Path] = set()
 
 
 def peaks_path(device: torch.device) -> Path:
@@ -149,19 +152,24 @@ def peaks_path(device: torch.device) -> Path:
     return default_cache_dir() / "machine" / f"{device.type}-{digest}.json"
 
 
-def machine_peaks(device: torch.device) -> MachinePeaks:
-    """This machine's matmul peaks: measured once, then read from the cache."""
+def machine_peaks(device: torch.device, refresh: bool = False) -> MachinePeaks:
+    """This machine's matmul peaks: measured once, then read from the cache. refresh (a training run, once per
+    process): measure again and keep the best of each peak, so that a first measurement taken while other
+    processes loaded the machine does not stay the MFU's denominator."""
     path = peaks_path(device)
-    if path in _MEMO:
-        return _MEMO[path]
-    peaks = None
-    if path.is_file():
+    peaks = _MEMO.get(path)
+    if peaks is None and path.is_file():
         try:
             peaks = MachinePeaks(**json.loads(path.read_text())["peaks"])
         except (OSError, ValueError, KeyError, TypeError):
             peaks = None                   # unreadable: measure again and rewrite it
-    if peaks is None:
-        peaks = measure_peaks(device)
+    if peaks is None or (refresh and path not in _REFRESHED):
+        new = measure_peaks(device)
+        if peaks is not None:
+            new = MachinePeaks(max(peaks.fp32_flops, new.fp32_flops), max(peaks.bf16_flops, new.bf16_flops),
+                               new.n, new.measured_at)
+        peaks = new
+        _REFRESHED.add(path)
         _write_atomic(path, {"key": machine_key(device), "peaks": asdict(peaks)})
     _MEMO[path] = peaks
     return peaks

@@ -71,8 +71,8 @@ def main() -> None:
         in_muon = {id(q) for group in opt.muon.param_groups for q in group["params"]}
         muon_grads = [g for p, g in zip(params, grads) if id(p) in in_muon]
         cases[f"MuonGrokfast k={k}"] = with_grads(opt.step)
-        cases[f"Newton-Schulz k={k}"] = (lambda k=k: [orthogonalize(g, k, m.use_svd, DTYPES[m.ns_dtype])
-                                                      for g in muon_grads])
+        ns_dtype = DTYPES[opt.muon.param_groups[0]["ns_dtype"]]       # as built (auto resolved)
+        cases[f"Newton-Schulz k={k}"] = (lambda k=k, dt=ns_dtype: orthogonalize(muon_grads, k, m.use_svd, dt))
     times = interleaved(cases, args.steps)
     median = {name: statistics.median(t) for name, t in times.items()}
     copy_s = median.pop("grad copy")

@@ -1,7 +1,7 @@
 """Training throughput and MFU of `forge train`'s step, with a per-component breakdown.
 
     .venv/bin/python benchmarks/bench_train_step.py [--threads 2] [--rounds 2] [--batch 8] [--quick]
-                                                    [--device cpu|cuda|auto]
+                                                    [--device cpu|cuda|auto] [--cases NAME ...] [--core]
 
 Per spec (phase1 and its AdamW variant, the same-size baseline, tiny and the tiny baseline; --batch sets
 data.batch_size, sequence length from the spec): the model, optimizer and schedule built from the spec
@@ -9,9 +9,11 @@ exactly as `forge train` builds them, driven by forge.train.loop.Trainer.train_s
 step's cost does not depend on the text). Cases interleave round by round; medians and mins of --rounds
 timed rounds after one warm-up round.
 
-On CPU (the default) every case trains in fp32 (train.precision = fp32, the CPU specs' setting) except
-"phase1 bf16", the phase1 spec's own bf16, which runs under CPU bf16 autocast. On CUDA (--device cuda):
-phase1, the baseline and tiny at --batch (default 32) with each spec's own precision (phase1: bf16 autocast,
+On CPU (the default) every case trains in fp32 (train.precision = fp32) except "phase1 auto", the phase1
+spec as shipped (train.precision = optim.muon.ns_dtype = "auto": bf16 autocast and bf16 Newton-Schulz where
+the CPU computes bf16 natively, fp32 where it does not; forge.train.precision), and "phase1 auto, fp32 NS"
+(the same with fp32 Newton-Schulz: the A/B of the optimizer's share). On CUDA (--device cuda):
+phase1, the baseline and tiny at --batch (default 32) with each spec's own precision (phase1: auto,
 tiny: fp32), every timing between torch.cuda.synchronize() calls, plus torch.cuda.max_memory_allocated over
 one step of each case; writes results/train_step_cuda.json.
 
@@ -23,9 +25,10 @@ one step of each case; writes results/train_step_cuda.json.
                 TRM recursion, LM head + losses (deep supervision CE, ACT BCE, coherence, diversity)
 
 MFU = tokens/s x model FLOPs per token (forge.model.flops.model_flops_per_token, counted from the spec) / the
-matmul peak measured in the same process (best of 5; CPU n = 2048, CUDA n = 8192): `mfu` against the peak of
-the dtype the step's matmuls run in (fp32, or bf16 under autocast), and both `mfu_fp32_peak` and
-`mfu_bf16_peak`. Writes benchmarks/results/train_step.json.
+matmul peak measured in the same process, interleaved with the steps round by round so that outside load hits
+both alike (median round; CPU n = 2048, CUDA n = 8192): `mfu` against the peak of the dtype the step's matmuls
+run in (fp32, or bf16 under autocast), and both `mfu_fp32_peak` and `mfu_bf16_peak`. The result records the
+CPU's capability flags (common.cpu_flags). Writes benchmarks/results/train_step.json.
 """
 from __future__ import annotations
 
@@ -47,11 +50,13 @@ from forge.spec.load import load_spec
 from forge.train.components import Components
 from forge.train.loop import Trainer
 from forge.train.perf import matmul_peak_flops
+from forge.train.precision import resolve_precision
 
 FP32 = ["train.precision=fp32"]
 CASES = {   # name -> (spec, overrides), on CPU
     "phase1": ("specs/phase1.toml", FP32),
-    "phase1 bf16": ("specs/phase1.toml", []),
+    "phase1 auto": ("specs/phase1.toml", []),             # as shipped: bf16 where native (NS too), else fp32
+    "phase1 auto, fp32 NS": ("specs/phase1.toml", ["optim.muon.ns_dtype=fp32"]),
     "phase1 + AdamW": ("specs/phase1.toml", ["optim.name=adamw", *FP32]),
     "baseline (AdamW)": ("specs/baseline.toml", FP32),
     "tiny": ("specs/tiny.toml", []),
@@ -84,9 +89,10 @@ def build_trainer(path: str, overrides: list[str], device: torch.device = torch.
     torch.manual_seed(spec.run.seed)
     model = build_model(spec.model, spec.objective).to(device)
     set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
-    optimizer = build_optimizer(spec.optim, model)
+    precision = resolve_precision(spec.train.precision, device)
+    optimizer = build_optimizer(spec.optim, model, precision)
     loader = RandomTokens(spec.model.vocab_size, spec.data.batch_size, spec.data.seq_len, spec.data.grad_accum)
-    parts = Components(model, optimizer, build_lr_schedule(spec.train, optimizer), None, loader, device)
+    parts = Components(model, optimizer, build_lr_schedule(spec.train, optimizer), None, loader, device, precision)
     return Trainer(resolved, None, parts, None, None, None)
 
 
@@ -220,6 +226,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="data.batch_size of the phase1-size specs (and of tiny on "
                                                    "CUDA); default 8 on CPU, 32 on CUDA")
     parser.add_argument("--quick", action="store_true", help="tiny specs only, one round (seconds)")
+    parser.add_argument("--cases", nargs="+", help="only these cases (names as in the table)")
+    parser.add_argument("--core", action="store_true", help="step, sections and the max-logit pair only (no "
+                                                            "logging step, no components): a third of the time")
     add_device_option(parser)
     args = parser.parse_args()
     setup_threads(args.threads)
@@ -229,7 +238,7 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
 
     specs = CUDA_CASES if on_cuda else CASES
-    names = [n for n in specs if n.startswith("tiny")] if args.quick else list(specs)
+    names = [n for n in specs if n.startswith("tiny")] if args.quick else list(args.cases or specs)
     trainers = {}
     for name in names:
         path, overrides = specs[name]
@@ -239,21 +248,24 @@ def main() -> None:
 
     # the step of every spec, interleaved round by round; the breakdown cases of each spec next to it
     cases, sections = {}, {}
+    n = 8192 if on_cuda else 2048
+    for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):   # the peaks, interleaved with the steps
+        cases[f"peak|{p}"] = lambda dtype=dtype: matmul_peak_flops(device, n=n, repeats=2, dtype=dtype)
     for name, tr in trainers.items():
         cases[f"{name}|step"] = lambda tr=tr: tr.train_step(collect=False)
-        cases[f"{name}|logging step"] = lambda tr=tr: tr.train_step(collect=True)
+        if not args.core:
+            cases[f"{name}|logging step"] = lambda tr=tr: tr.train_step(collect=True)
         sections[name] = {k: [] for k in ("forward", "backward", "optimizer", "qk_clip")}
         cases[f"{name}|sections"] = lambda tr=tr, s=sections[name]: sectioned_step(tr, s)
         if tr.spec.optim.qk_clip.enabled:
             cases[f"{name}|no max-logit fwd+bwd"] = fwd_bwd(tr, track_max_logit=False)
             cases[f"{name}|fwd+bwd"] = fwd_bwd(tr, track_max_logit=True)
-        for part, fn in component_cases(tr).items():
+        for part, fn in ({} if args.core else component_cases(tr)).items():
             cases[f"{name}|component {part}"] = fn
-    n = 8192 if on_cuda else 2048
-    peaks = {p: matmul_peak_flops(device, n=n, dtype=dtype)
-             for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    peak = peaks["fp32"]
+    # each peak case times 3 matmuls (a warm-up and 2 repeats); the median round's rate stands for the peak
     times = interleaved(cases, rounds, warmup=1, sync=device_sync(device))
+    peaks = {p: 3 * 2 * n ** 3 / statistics.median(times[f"peak|{p}"]) for p in ("fp32", "bf16")}
+    peak = peaks["fp32"]
     for name, s in sections.items():   # the warm-up round's sections are dropped too
         for k in s:
             s[k] = s[k][1:]
@@ -265,10 +277,12 @@ def main() -> None:
         tokens = spec.data.batch_size * spec.data.seq_len
         flops = model_flops_per_token(spec.model, spec.data.seq_len)
         step = summary(times[f"{name}|step"])
-        logging = summary(times[f"{name}|logging step"])
-        own_peak = peaks[spec.train.precision]         # the dtype the step's matmuls run in
-        res = {"spec": specs[name][0], "batch": spec.data.batch_size, "seq_len": spec.data.seq_len,
-               "device": str(device), "precision": spec.train.precision,
+        logging = summary(times.get(f"{name}|logging step", times[f"{name}|step"]))
+        own_peak = peaks[tr.precision.name]         # the dtype the step's matmuls run in (train.precision resolved)
+        res = {"spec": specs[name][0], "overrides": specs[name][1], "batch": spec.data.batch_size,
+               "seq_len": spec.data.seq_len, "device": str(device), "precision": tr.precision.name,
+               "precision_setting": spec.train.precision,
+               "ns_dtype": tr.parts.optimizer.muon.param_groups[0]["ns_dtype"] if tr.parts.optimizer.muon else None,
                "params": sum(p.numel() for p in tr.parts.model.parameters()),
                "step": step, "logging_step": logging,
                "tokens_per_s": tokens / step["median_s"], "tokens_per_s_best": tokens / step["min_s"],
@@ -291,7 +305,7 @@ def main() -> None:
                      f"{res['mfu']:.0%}", f"{res['mfu_fp32_peak']:.0%}", f"{res['mfu_bf16_peak']:.0%}",
                      f"{res['flops_per_token'] / 1e6:.0f}"]
                     + ([f"{res['max_memory_allocated_gb']:.2f}"] if on_cuda else []))
-    print(f"{device} matmul peaks (n={n}, best of 5): fp32 {peaks['fp32'] / 1e9:.0f}, "
+    print(f"{device} matmul peaks (n={n}, median round, interleaved with the steps): fp32 {peaks['fp32'] / 1e9:.0f}, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(table(["spec", "precision", "params", "batch x seq", "step (s)", "min (s)", "tokens/s", "MFU (own dtype)",
                  "MFU (fp32 peak)", "MFU (bf16 peak)", "MFLOP/token"] + (["max allocated (GB)"] if on_cuda else []),

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from forge.train.precision import bf16_query, cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 # benchmarks/gpu.sh points this elsewhere (FORGE_BENCH_RESULTS) to collect a GPU machine's results
 RESULTS = Path(os.environ.get("FORGE_BENCH_RESULTS", ROOT / "benchmarks" / "results")).resolve()
@@ -30,23 +32,22 @@ def setup_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
-    """One line naming the hardware the figures come from (the GPU's name when one is used)."""
-    line = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
+    """One line naming the hardware the figures come from: the CPU with its capability (bf16 is native on some
+    CPUs of this project's kind and emulated, >100x slower, on others), and the GPU's name when one is used."""
+    line = (f"{cpu_name()} ({platform.machine()}, {bf16_query(torch.device('cpu'))[1]}), {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     if torch.cuda.is_available():
         line += f", GPU {torch.cuda.get_device_name(0)}"
     return line
+
+
+def cpu_flags() -> dict:
+    """torch's own answers about this CPU (recorded in every result): its vector capability and bf16 support."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkldnn_bf16_supported": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported(),
+            "bf16_native": bf16_query(torch.device("cpu"))[0]}
 
 
 def command() -> str:
@@ -107,7 +108,8 @@ def write_result(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     load = dict(zip(("1min", "5min", "15min"), os.getloadavg()))   # other processes on a shared machine
-    path.write_text(json.dumps({"command": command(), "machine": machine(), "load_average": load, **result},
+    path.write_text(json.dumps({"command": command(), "machine": machine(), "cpu_flags": cpu_flags(),
+                                "load_average": load, **result},
                                indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path

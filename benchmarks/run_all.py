@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("roofline", "train_step", "profile", "optimise", "optim", "attention", "memory", "cli", "data",
-           "quality")
+           "sampling", "quality")
 
 
 def main() -> None:

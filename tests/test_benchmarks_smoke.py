@@ -57,3 +57,8 @@ def test_cli_benchmark_runs_and_writes_its_result():
     assert result["command"].endswith("benchmarks/bench_cli.py --quick")
     assert result["results"]["forge --help"]["exit_code"] == 0
     assert result["results"]["forge --help"]["median_s"] > 0
+    # every result names the CPU's capability (bf16 is native on some CPUs of this kind, emulated on others)
+    flags = result["cpu_flags"]
+    assert flags["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert flags["mkldnn_bf16_supported"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert flags["cpu_capability"] in result["machine"]

@@ -151,9 +151,21 @@ def test_bad_lr_overrides_are_spec_errors(overrides, message):
     assert "optim.lr_overrides[" in str(err.value)
 
 
-def test_bf16_newton_schulz_on_cpu_is_refused():
-    with pytest.raises(ForgeError, match="ns_dtype"):
-        build_optimizer(optim_spec("optim.muon.ns_dtype=bf16"), TinyLM())
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_newton_schulz_is_refused_where_bf16_is_not_native(monkeypatch, tmp_path, native):
+    """Emulated bf16 (an AVX2-only CPU, the capability query patched) is over 100x slower: refused; native: built."""
+    from forge.train import precision as prec
+
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(prec, "bf16_query", lambda device: (native, "AVX512 +avx512_bf16" if native else "AVX2"))
+    monkeypatch.setattr(prec, "measure_peaks", lambda device: prec.MachinePeaks(100e9, 400e9 if native else 0.5e9,
+                                                                                 1024, "test"))
+    if native:
+        opt = build_optimizer(optim_spec("optim.muon.ns_dtype=bf16"), TinyLM())
+        assert {g["ns_dtype"] for g in opt.muon.param_groups} == {"bf16"}
+    else:
+        with pytest.raises(ForgeError, match='ns_dtype = "auto"'):
+            build_optimizer(optim_spec("optim.muon.ns_dtype=bf16"), TinyLM())
 
 
 # ------------------------------------------------------------------------------------------ Grokfast (D1)

@@ -7,7 +7,7 @@ import torch
 
 from forge.optim.metrics import effective_rank_fraction, ortho_error
 from forge.optim.muon import Muon, update_scale
-from forge.optim.newton_schulz import newton_schulz, orthogonalize_svd
+from forge.optim.newton_schulz import newton_schulz, newton_schulz_many, orthogonalize_svd
 
 BAND = (0.68, 1.21)  # five quintic steps, for singular values >= 0.003 ||G||_F
 
@@ -32,6 +32,20 @@ def test_k5_singular_values_lie_in_the_band(shape, dtype):
         assert (svals(g) / g.norm()).min() >= 0.003
         s = svals(newton_schulz(g, 5, dtype))
         assert BAND[0] <= s.min() and s.max() <= BAND[1], (s.min().item(), s.max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_shape_matrices_batched_equal_one_by_one(dtype):
+    """Muon stacks same-shape matrices into one batched iteration: each result equals that matrix's own
+    Newton-Schulz, for wide and tall shapes and a zero matrix among them, in either dtype."""
+    shapes = [(32, 64), (64, 32), (32, 64), (16, 16), (64, 32), (32, 64)]
+    grads = [controlled(*shape, 1e-2, seed=i) for i, shape in enumerate(shapes)]
+    grads[2] = torch.zeros(32, 64)
+    batched = newton_schulz_many(grads, 3, dtype)
+    for g, out in zip(grads, batched):
+        torch.testing.assert_close(out, newton_schulz(g, 3, dtype), atol=1e-6, rtol=1e-5)
+        assert out.shape == g.shape and out.dtype == g.dtype
+    assert torch.equal(batched[2], grads[2])
 
 
 def test_output_keeps_shape_and_dtype():

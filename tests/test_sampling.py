@@ -123,3 +123,34 @@ def test_top_k_one_is_greedy_and_temperature_zero_is_argmax():
     draws = torch.stack([pick_next(logits, 1.0, 3, g) for _ in range(200)])
     top3 = logits.topk(3, dim=-1).indices
     assert bool((draws[..., None] == top3).any(-1).all())    # never outside the top 3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_generation_equals_the_full_forward_token_for_token_in_every_variant(variant):
+    """The decoder's shortcuts (fused projections, RoPE as one complex product on permuted channels, the
+    window's slice of a preallocated cache instead of a mask, the LM head only where a token halts, one thread
+    after the prefill) give the tokens of recomputing the whole prefix per token: several prompts at once,
+    past the window (8) and memory chunks (8), with ACT halting, under the same seed."""
+    model = small_model(*VARIANTS[variant])
+    prompts = tokens(3, 11, seed=4)
+    threads = torch.get_num_threads()
+    for halt in (True, False):
+        kw = dict(temperature=1.0, top_k=0, seed=5, halt=halt)
+        fast = generate(model, prompts, 30, cached=True, **kw)
+        slow = generate(model, prompts, 30, cached=False, **kw)
+        assert fast.tokens == slow.tokens and fast.avg_steps == pytest.approx(slow.avg_steps)
+    assert torch.get_num_threads() == threads            # the caller's thread count is restored
+
+
+def test_the_decoder_caches_grow_without_changing_the_logits():
+    model = small_model()
+    idx = tokens(2, 40)
+    with torch.no_grad():
+        full = model(idx, halt=True, return_logits=True)
+    decoder = IncrementalDecoder(model, 2, capacity=4)        # grows (doubling) 4 -> 8 -> ... -> 40
+    first = decoder.step(idx[:, :6], halt=True)
+    last = [decoder.step(idx[:, t:t + 1], halt=True, last_only=True) for t in range(6, 40)]
+    torch.testing.assert_close(first.logits, full.logits[:, :6], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([p.logits for p in last], 1), full.logits[:, 6:], atol=1e-4, rtol=1e-4)
+    assert torch.equal(torch.cat([p.used_steps for p in last], 1), full.used_steps[:, 6:])
+    assert decoder.step(idx[:, :5], last_only=True).logits.shape == (2, 1, V)   # last_only: the last position

@@ -13,8 +13,9 @@ shape scale puts that back on a known footing:
       update, so an AdamW learning rate (the spec's 1e-3) means the same step size here;
   keller: sqrt(max(1, rows / cols)) -> Keller's scaling, which wants lr ~0.02.
 
+Newton-Schulz (the cost) runs same-shape matrices of a group as one batched iteration, in optim.muon.ns_dtype.
 Under data parallelism every rank holds the same averaged gradient, so the momenta stay replicated. The
-Newton-Schulz iterations (the cost) either run on every rank for every matrix (replicated), or with
+Newton-Schulz iterations either run on every rank for every matrix (replicated), or with
 shard=True on one owner rank per matrix (balanced by NS cost), which then broadcasts the updated weight:
 the same arithmetic on the same inputs, so the same weights, and momenta that never need gathering.
 """
@@ -86,15 +87,16 @@ class Muon(torch.optim.Optimizer):
             updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
             if group["weight_decay"] != 0.0:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            for p, u in zip(params, updates):
-                owner = owners.get(p, rank)
-                if owner == rank:
-                    o = orthogonalize(u, group["ns_steps"], group["use_svd"], DTYPES[group["ns_dtype"]])
+            mine = [i for i, p in enumerate(params) if owners.get(p, rank) == rank]
+            ortho = dict(zip(mine, orthogonalize([updates[i] for i in mine], group["ns_steps"], group["use_svd"],
+                                                 DTYPES[group["ns_dtype"]])))
+            for i, (p, u) in enumerate(zip(params, updates)):
+                if i in ortho:
                     if index in keep:
-                        sampled.append((o, u))
-                    p.add_(o, alpha=-group["lr"] * update_scale(p.size(0), p.size(1), group["scaling"]))
+                        sampled.append((ortho[i], u))
+                    p.add_(ortho[i], alpha=-group["lr"] * update_scale(p.size(0), p.size(1), group["scaling"]))
                 if owners:
-                    sends.append(torch.distributed.broadcast(p, src=owner, async_op=True))
+                    sends.append(torch.distributed.broadcast(p, src=owners[p], async_op=True))
                 index += 1
         for work in sends:
             work.wait()

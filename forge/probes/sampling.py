@@ -2,7 +2,8 @@
 at inference (or full depth), incremental (cached, forge.model.decode) or by a whole forward per token.
 
 Both paths give the same tokens: the cached decoder reproduces the forward's logits (tested), and the same
-generator draws the same numbers from the same distribution. A dedicated torch.Generator keeps sampling out
+generator draws the same numbers from the same distribution. Several samples (forge sample --n) run as one
+batch; after the prefill the cached path runs on one thread (a token's operations are too small to split). A dedicated torch.Generator keeps sampling out
 of the global RNG, so sampling during training never changes the run.
 """
 from __future__ import annotations
@@ -47,14 +48,19 @@ def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: 
     seq = prompts
     out, steps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    decoder = IncrementalDecoder(model, B) if cached else None
+    decoder = IncrementalDecoder(model, B, capacity=prompts.shape[1] + max_new_tokens) if cached else None
+    threads = torch.get_num_threads()
     start = time.perf_counter()
     try:
         feed = prompts
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if cached:
-                step = decoder.step(feed, halt=halt)
+                step = decoder.step(feed, halt=halt, last_only=True)
                 logits, used = step.logits[:, -1], step.used_steps[:, -1]
+                if i == 0 and device.type == "cpu":
+                    # after the prefill, one thread: a token's operations are too small to split, and splitting
+                    # them costs (benchmarks/bench_sampling.py: 2 threads 4-8x slower on the 2-core CPU under load)
+                    torch.set_num_threads(1)
             else:
                 full = model(seq, halt=halt, return_logits=True)
                 logits, used = full.logits[:, -1], full.used_steps[:, -1]
@@ -67,11 +73,13 @@ def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: 
             steps.append(torch.where(done, 0, used))
             if eos_id is not None:
                 done |= token == eos_id
-            seq = torch.cat([seq, token[:, None]], dim=1)
             feed = token[:, None]
-            if bool(done.all()):
+            if not cached:
+                seq = torch.cat([seq, feed], dim=1)
+            if eos_id is not None and bool(done.all()):    # the one host sync per token, only with an eos
                 break
     finally:
+        torch.set_num_threads(threads)
         model.train(was_training)
     seconds = time.perf_counter() - start
     generated = torch.stack(out, 1).tolist()

@@ -15,13 +15,15 @@ class TrainSpec(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak (cosine/linear).")
     eval_every: PositiveInt = Field(description="Evaluate on the held-out split every N steps (and at the end).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present, else CPU.")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: forward and backward under bf16 autocast, on CUDA and on CPU alike (weights, "
-                            "gradients, the optimizer and Newton-Schulz stay fp32; QK-clip's max logit is scored "
-                            "in fp32). On a CPU with native bf16 matmuls (AVX-512 BF16 / AMX) it is ~2x faster: "
-                            "phase1 at batch 8 x 512 on the project's 2-core EPYC, 0.48x the fp32 step time, tiny's "
-                            "loss within 0.02% of fp32 over 50 steps; on other CPUs it can be slower. The CPU specs "
-                            "(tiny, local) say fp32.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively (CUDA with bf16; a CPU with AVX-512 "
+                            "BF16 / AMX, per torch's capability queries and a measured bf16/fp32 matmul ratio, "
+                            "cached per machine), else fp32; the resolved precision is shown at start and "
+                            "recorded in environment.json. bf16: forward and backward under bf16 autocast "
+                            "(weights, gradients and the optimizer stay fp32; QK-clip's max logit is scored in "
+                            "fp32): on the project's AVX-512 BF16 EPYC 0.48x the fp32 phase1 step; on a CPU "
+                            "without native bf16 (AVX2) over 100x slower, so an explicit bf16 there fails the "
+                            "checklist (CFG-precision). fp32: never autocast.")
     max_nonfinite_in_a_row: PositiveInt = Field(10, description="Stop the run (status failed) after this many "
                                                                 "consecutive non-finite steps (loss, gradient "
                                                                 "or update; each one is undone).")

@@ -130,7 +130,7 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
         monitors = MonitorSet(load_monitors(spec.run.checklist))
         started = True
         if main:
-            run.add_launch(environment(spec.run.seed, str(parts.device), world.size))
+            run.add_launch(environment(spec.run.seed, str(parts.device), world.size, parts.precision.record()))
             parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
         if latest is not None and main:
             _set_aside_later_checkpoints(run, start_step)
@@ -142,6 +142,7 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
         live = LiveView(run.run_id, start_step, stop_at, tty=tty, quiet=not main)
         for line in skipped:
             live.warn(line)
+        live.note(f"precision: {parts.precision.describe()}")
         if main:
             log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path,
                              spec.model_dump(mode="json"), warn=live.warn)

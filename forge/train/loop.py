@@ -38,7 +38,7 @@ from forge.train.evaluate import evaluate, merge_preview
 from forge.train.live import LiveView
 from forge.train.metrics_log import MetricsLog
 from forge.train.monitors import MonitorSet
-from forge.train.perf import matmul_peak_flops
+from forge.train.precision import resolve_precision
 from forge.train.run_dir import RunDir
 
 
@@ -89,7 +89,8 @@ class Trainer:
         from forge.optim import attention_modules
 
         self._n_heads = max(1, sum(m.n_heads for m in attention_modules(parts.model)))
-        self._peak_flops: float | None = None
+        # train.precision resolved on the device (forge.train.precision): what _autocast and perf/mfu use
+        self.precision = parts.precision or resolve_precision(self.spec.train.precision, parts.device)
         parts.model.set_gradient_checkpointing(self.spec.train.gradient_checkpointing)
         self._writer = ckpt.BackgroundWriter() if self.spec.checkpoint.async_save else None
         self.probes = (ProbeSuite(self.spec.probes, self.spec.model.attention.sw_window, parts.data, self.spec.run.seed)
@@ -219,9 +220,9 @@ class Trainer:
         return self.forward_model.no_sync()
 
     def _autocast(self):
-        # bf16: autocast on CUDA and on CPU alike (CPUs with native bf16 matmuls run them several times faster
-        # than fp32; train.precision's description has the measured effect). The optimizer step runs outside it.
-        if self.spec.train.precision == "bf16":
+        # the resolved precision (auto: bf16 only where the device computes it natively; forge.train.precision):
+        # bf16 autocasts on CUDA and on CPU alike. The optimizer step runs outside it.
+        if self.precision.name == "bf16":
             return torch.autocast(self.parts.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.parts.device.type, enabled=False)
 
@@ -235,9 +236,9 @@ class Trainer:
                "perf/checkpoint_fraction": t["checkpoint"] / max(t["train"] + t["checkpoint"], 1e-9),
                "data/seq_len": float(self.parts.loader.seq_len_at(max(0, self.counters.step - 1))),
                "config/param_count": float(sum(p.numel() for p in self.parts.model.parameters()))}
-        if self._peak_flops:   # every rank has the peak measured on rank 0's device
-            out["perf/mfu"] = (out["perf/tokens_per_sec"] * self._flops_per_token()
-                               / (self._peak_flops * self.world.size))
+        # against the measured (cached) matmul peak of the precision that runs, never an emulated bf16 peak
+        out["perf/mfu"] = (out["perf/tokens_per_sec"] * self._flops_per_token()
+                           / (self.precision.peak_flops * self.world.size))
         t["window_tokens"], t["window_time"] = 0, 0.0
         return out
 
@@ -282,9 +283,6 @@ class Trainer:
         spec = self.spec
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            # MFU against the peak of the precision the matmuls run in (bf16 autocast: the bf16 peak)
-            dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
-            self._peak_flops = matmul_peak_flops(self.parts.device, dtype=dtype)
             while self.counters.step < stop_at:
                 step = self.counters.step + 1  # the step about to complete
                 collect = step % spec.logging.every == 0 or step == stop_at

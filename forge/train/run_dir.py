@@ -322,8 +322,9 @@ class RunDir:
         return read_json(self.path / name)
 
 
-def environment(seed: int, device: str, world_size: int = 1) -> dict[str, Any]:
-    """What a reader needs to reproduce the run: versions, device, code revision, seed, command."""
+def environment(seed: int, device: str, world_size: int = 1, precision: dict | None = None) -> dict[str, Any]:
+    """What a reader needs to reproduce the run: versions, device, the precision it computes in
+    (forge.train.precision's record), code revision, seed, command."""
     import importlib.metadata as md
 
     import torch
@@ -343,6 +344,7 @@ def environment(seed: int, device: str, world_size: int = 1) -> dict[str, Any]:
         "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "torch_threads": torch.get_num_threads(),
         "world_size": world_size,
+        "precision": precision,
         "git": git_revision(),
         "seed": seed,
         "argv": sys.argv,

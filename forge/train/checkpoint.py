@@ -34,6 +34,14 @@ class CheckpointError(ForgeError):
     pass
 
 
+def chmod_like_open(path: Path) -> None:
+    """safetensors creates its file 0600; give it the mode open() gives every other file of the run (0666 less
+    the umask), so a run directory shared with a group or copied elsewhere is readable throughout."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
@@ -53,6 +61,7 @@ def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], meta: d
         save_file(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     else:
         save_model(model, str(tmp / "model.safetensors"))
+    chmod_like_open(tmp / "model.safetensors")
     torch.save(state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step,
                                                "saved": dt.datetime.now().isoformat(timespec="seconds")},

@@ -1,12 +1,14 @@
 """`forge train`: gate the spec, set up (or reopen) the run directory, train, record the outcome."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge import ui
 from forge.checklist.runner import ChecklistResult, run_checklist
 from forge.distributed import SINGLE, World
 from forge.errors import ForgeError
@@ -36,9 +38,13 @@ def _file_sha256(path: Path) -> str:
 
 
 def lineage(resolved: ResolvedSpec, force: bool) -> dict:
+    from forge.data.cache import default_cache_dir
+    from forge.data.sources import hub_commits
+
     return {"spec_file": str(resolved.path), "spec_hash": resolved.hash,
             "chain": [{"path": str(p), "sha256": _file_sha256(p)} for p in resolved.chain],
-            "overrides": list(resolved.overrides), "forced": force}
+            "overrides": list(resolved.overrides), "forced": force,
+            "hub_commits": hub_commits(resolved.spec.data.sources, default_cache_dir())}
 
 
 def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: bool,
@@ -90,7 +96,9 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     live = log = None
     main = world.main
     try:
-        parts = build_components(spec, data_dir, world=world)
+        with ui.working("preparing the data (cached after the first run) and building the model") if main \
+                else contextlib.nullcontext():
+            parts = build_components(spec, data_dir, world=world)
         if main:
             run.write("environment.json", environment(spec.run.seed, str(parts.device), world.size))
             parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
@@ -107,8 +115,7 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
                 monitors.observe(record)
         live = LiveView(run.run_id, start_step, stop_at, tty=tty, quiet=not main)
         if main:
-            log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path,
-                             spec.model_dump(mode="json"), warn=live.warn)
+            log = MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
         trainer = Trainer(resolved, run, parts, live, log, monitors, world)
         if latest is not None:
             trainer.restore(latest)

@@ -15,12 +15,14 @@ import typer
 
 from forge import ui
 
-app = typer.Typer(name="forge", no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_enable=False,
+# rich_markup_mode=None: plain help, so a help text's "[default: ...]" is shown, not read as rich markup
+app = typer.Typer(name="forge", no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Turn a TOML experiment spec into a guarded Phase 1 training run.")
-spec_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect specs: resolved view, differences, schema.")
+spec_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Inspect specs: resolved view, differences, schema.")
 app.add_typer(spec_app, name="spec")
-patch_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Spec patches written by forge diagnose --apply.")
+patch_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Spec patches written by forge diagnose --apply.")
 app.add_typer(patch_app, name="patch")
 
 SetOption = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
@@ -195,7 +197,8 @@ def sample(run_id: str = typer.Argument(..., help="Run id."),
 def export(run_id: str = typer.Argument(..., help="Run id."),
            out: Path = typer.Argument(..., help="New (or empty) folder to write."),
            step: Optional[int] = typer.Option(None, "--step", min=0, help="Checkpoint step [default: newest valid]."),
-           output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs.")) -> None:
+           output_dir: Path = typer.Option(Path("runs"), "--output-dir",
+                                           help="Directory that holds the runs.")) -> None:
     """Export a checkpoint of RUN_ID as a Hugging Face style folder: model.safetensors (with metadata),
     config.json, tokenizer files with eos/pad, the spec and a model card; load it with forge.model.load_export."""
     from forge.model.export import write_export

@@ -270,8 +270,9 @@ def test_wandb_offline_run_is_what_a_wandb_user_expects(tiny_run):
     for step, row in rows.items():
         assert json.loads(row["loss/total"].value_json) > 0 and "loss/total_last" in row
         assert "config/param_count" not in row      # a constant: the summary's, not a time series
-        images = {k.rsplit("/", 1)[0] for k in row if k.endswith("/_type") and json.loads(row[k].value_json) == "image-file"}
-        tables = {k.rsplit("/", 1)[0] for k in row if k.endswith("/_type") and json.loads(row[k].value_json) == "table-file"}
+        kinds = {k.rsplit("/", 1)[0]: json.loads(row[k].value_json) for k in row if k.endswith("/_type")}
+        images = {k for k, kind in kinds.items() if kind == "image-file"}
+        tables = {k for k, kind in kinds.items() if kind == "table-file"}
         assert {"plots/valid_bpb", "plots/act_histogram", "plots/loss_per_step"} <= images, sorted(images)
         assert {"report/success_criteria", "act/halting_histogram", "probes/samples"} <= tables, sorted(tables)
     assert "probes/attention_heatmaps/_type" in rows[3] and "probes/attention_heatmaps/_type" not in rows[6]
@@ -436,3 +437,18 @@ def test_hub_pull_uses_the_hf_cache_streams_past_the_budget_and_records_the_comm
     assert sources.open_source(source, tmp_path, tmp_path).train.batch(0, 5) == ["q1", "q2"]
     assert sources.hub_commits([source], tmp_path) == {"gsm": {"dataset": "openai/gsm8k", "config": "main",
                                                               "revision": None, "commit": sha}}
+
+
+def test_the_report_shows_a_wandb_failure_kept_in_warnings_jsonl(tiny_run, tmp_path, run_cli):
+    import shutil
+
+    from forge.train.run_dir import RunDir
+
+    run, _ = tiny_run
+    copy = tmp_path / "runs" / "t"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("wandb", "checkpoints", "tensorboard"))
+    RunDir(copy).append_warning({"step": 3, "id": "OBS-wandb", "title": "W&B failed",
+                                 "measured": "W&B log failed (OSError: disk full); metrics go to metrics.jsonl only"})
+    code, out, err = run_cli("report", "t", "--output-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    assert "warning OBS-wandb (step 3, 1x): W&B log failed (OSError: disk full)" in " ".join(out.split())

@@ -9,8 +9,9 @@ cache with `datasets.save_to_disk`; afterwards they load with `load_from_disk`, 
 the network. The download goes through the user's own Hugging Face cache (HF_DATASETS_CACHE / HF_HOME:
 what other tools downloaded is reused, and kept for them), except for a dataset larger than the cache
 budget ($FORGE_HF_CACHE_BUDGET_GB, default 20): that one is streamed straight into forge's copy. The
-commit the hub served is recorded (pulled.json, and the run's lineage.json: `hub_commits`). Without network and without a pulled copy, loading fails at once with a ForgeError
-that names the source and how to point the spec at local files instead.
+commit the hub served is recorded (pulled.json, and the run's lineage.json: `hub_commits`). Without
+network and without a pulled copy, loading fails at once with a ForgeError that names the source and
+how to point the spec at local files instead.
 """
 from __future__ import annotations
 

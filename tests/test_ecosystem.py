@@ -349,6 +349,25 @@ def test_wandb_tags_follow_the_warnings(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_without_its_package_is_a_recorded_warning(tmp_path, monkeypatch):
+    import sys
+
+    from forge.spec.load import load_spec
+    from forge.train.metrics_log import MetricsLog
+    from forge.train.run_dir import RunDir
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if tensorboard were not installed
+    spec = load_spec(SPECS / "tiny.toml", ["logging.tensorboard=true", "logging.wandb.mode=disabled"]).spec
+    run = RunDir.create(tmp_path / "runs", "tb")
+    shown = []
+    log = MetricsLog(run.metrics_path, spec, "tb", run.path, {}, shown.append)
+    log.log(1, {"loss/total": 3.0})
+    log.close()
+    (warning,) = run.warnings()
+    assert warning["id"] == "OBS-tensorboard" and "TensorBoard could not start" in warning["measured"] and shown
+    assert read_metrics(run.metrics_path) == [{"step": 1, "loss/total": 3.0}]
+
+
 def test_tensorboard_gets_the_scalars_images_and_tables(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

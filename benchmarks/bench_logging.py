@@ -40,7 +40,7 @@ def build_trainer(spec_path: Path, wandb_mode: str, run_root: Path):
     run = RunDir.create(run_root, f"bench-{wandb_mode}")
     parts = build_components(spec, ROOT / "data")
     live = LiveView(run.run_id, 0, spec.train.max_steps, tty=False)
-    log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path, spec.model_dump(mode="json"),
+    log = MetricsLog(run.metrics_path, spec, run.run_id, run.path, {"spec_hash": resolved.hash},
                      warn=lambda message: None)
     return Trainer(resolved, run, parts, live, log, MonitorSet(load_monitors(spec.run.checklist))), log, live
 

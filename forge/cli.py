@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,11 +15,14 @@ import typer
 
 from forge import ui
 
-app = typer.Typer(name="forge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# rich_markup_mode=None: plain help, so a help text's "[default: ...]" is shown, not read as rich markup
+app = typer.Typer(name="forge", no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Turn a TOML experiment spec into a guarded Phase 1 training run.")
-spec_app = typer.Typer(no_args_is_help=True, help="Inspect specs: resolved view, differences, schema.")
+spec_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Inspect specs: resolved view, differences, schema.")
 app.add_typer(spec_app, name="spec")
-patch_app = typer.Typer(no_args_is_help=True, help="Spec patches written by forge diagnose --apply.")
+patch_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Spec patches written by forge diagnose --apply.")
 app.add_typer(patch_app, name="patch")
 
 SetOption = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
@@ -108,11 +112,14 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
         resolved = load_spec(spec, overrides or [])
         if nproc:   # before the checklist and the run directory: nothing is written for a bad split
             check_batch_split(resolved.spec.data.batch_size, resolved.spec.data.grad_accum, nproc)
-        refused, resolved, run = launch.start(spec, overrides or [], run_id=run_id, force=force, data_dir=data_dir)
+        t0 = time.perf_counter()
+        with ui.working(f"checking {spec}: the before-first-run checklist (preparing the data, a real step)"):
+            refused, resolved, run = launch.start(spec, overrides or [], run_id=run_id, force=force, data_dir=data_dir)
         if refused:
             ui.render_checklist(refused.checklist, str(spec), resolved.hash)
             ui.print_error(refused.message)
             raise typer.Exit(refused.exit_code)
+        ui.render_checklist_summary(run.read("checklist.json"), time.perf_counter() - t0)
     if nproc:
         result = launch.launch_workers(run, nproc, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
         run.unlock()
@@ -125,15 +132,18 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
 
 @app.command()
 def runs(output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
+         watch: bool = typer.Option(False, "--watch", help="Redraw the table every --every seconds (Ctrl-C ends)."),
+         every: float = typer.Option(2.0, "--every", min=0.1, help="Seconds between redraws with --watch."),
          as_json: bool = JsonOption) -> None:
-    """List runs: id, spec, status, step, last loss, validation perplexity."""
+    """List runs: id, spec, spec hash, overrides, status, step, last loss, validation perplexity and bpb."""
     from forge.train.runs import list_runs
 
-    rows = list_runs(output_dir)
     if as_json:
-        ui.print_json(rows)
+        ui.print_json(list_runs(output_dir))
+    elif watch:
+        ui.watch_runs(lambda: list_runs(output_dir), output_dir, every)
     else:
-        ui.render_runs(rows, output_dir)
+        ui.render_runs(list_runs(output_dir), output_dir)
 
 
 @app.command("merge-preview")
@@ -191,6 +201,21 @@ def sample(run_id: str = typer.Argument(..., help="Run id."),
         ui.print_json(asdict(result))
     else:
         ui.render_samples(result)
+
+
+@app.command()
+def export(run_id: str = typer.Argument(..., help="Run id."),
+           out: Path = typer.Argument(..., help="New (or empty) folder to write."),
+           step: Optional[int] = typer.Option(None, "--step", min=0, help="Checkpoint step [default: newest valid]."),
+           output_dir: Path = typer.Option(Path("runs"), "--output-dir",
+                                           help="Directory that holds the runs.")) -> None:
+    """Export a checkpoint of RUN_ID as a Hugging Face style folder: model.safetensors (with metadata),
+    config.json, tokenizer files with eos/pad, the spec and a model card; load it with forge.model.load_export."""
+    from forge.model.export import write_export
+    from forge.train.run_dir import RunDir
+
+    run = RunDir.open(output_dir, run_id)
+    ui.print_text(f"wrote {write_export(run.path, out, step)}")
 
 
 @app.command()

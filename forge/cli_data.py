@@ -12,7 +12,8 @@ import typer
 
 from forge import ui
 
-app = typer.Typer(no_args_is_help=True, help="Data sources: pull hub datasets into the cache, per-source statistics.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                  help="Data sources: pull hub datasets into the cache, per-source statistics.")
 
 _SET = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a spec key (repeatable).")
 

@@ -1,6 +1,7 @@
 """The one place that writes to the terminal: tables for people, JSON for machines, errors on stderr."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
@@ -36,6 +37,33 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+@contextlib.contextmanager
+def working(text: str):
+    """Visible progress for a slow step that prints nothing itself: a spinner with the elapsed time on a
+    terminal (gone when the step ends), one plain line otherwise (CI, pipes), so output starts at once."""
+    if not sys.stdout.isatty():
+        print_text(f"{text} ...")
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
+                  console=console()) as progress:
+        progress.add_task(_escape(text), total=None)
+        yield
+
+
+def render_checklist_summary(result: dict, seconds: float) -> None:
+    """A passing (or --force'd) checklist at train start (its checklist.json record) in one line; the table is
+    `forge check`'s."""
+    counts = result["counts"]
+    flagged = [r["id"] for r in result["items"] if r["status"] in ("warn", "fail")]
+    verdict = "[green]passed[/]" if result["ok"] else "[bold red]failed (--force: launching anyway)[/]"
+    console().print(f"checklist {_escape(result['checklist'])} {verdict} in {seconds:.1f} s: pass {counts['pass']}  "
+                    f"warn {counts['warn']}  fail {counts['fail']}  skip {counts['skip']}"
+                    + (f"  ({_escape(', '.join(flagged))}; forge check shows the table)" if flagged else ""))
 
 
 def render_checklist(result, spec_path: str, spec_hash: str) -> None:
@@ -100,21 +128,50 @@ def render_run_end(result, run_path) -> None:
               + (f" or forge train --resume {result.run_id}" if result.status == "interrupted" else "") + "[/]")
 
 
-def render_runs(rows: list[dict], root) -> None:
+def runs_table(rows: list[dict], root):
     from rich.table import Table
 
-    out = console()
     if not rows:
-        out.print(f"no runs in {root}")
-        return
+        return f"no runs in {root}"
     table = Table(title=f"runs in {root}", title_justify="left")
-    for col in ("run", "spec", "status", "step", "loss", "valid ppl", "valid bpb"):
-        table.add_column(col, justify="right" if col in ("step", "loss", "valid ppl", "valid bpb") else "left")
+    numeric = ("step", "loss", "valid ppl", "valid bpb")
+    for col in ("run", "spec", "spec hash", "overrides", "status", "step", "loss", "valid ppl", "valid bpb"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for r in rows:
         style = _STATUS_STYLE.get({"finished": "pass", "failed": "fail", "interrupted": "warn"}.get(r["status"], ""), "")
-        table.add_row(r["run_id"], _escape(r["spec"] or ""), f"[{style}]{r['status']}[/]" if style else r["status"],
-                      str(r["step"]), _fmt(r["loss"]), _fmt(r["valid_perplexity"]), _fmt(r["valid_bits_per_byte"]))
-    out.print(table)
+        shown = _escape(r["shown_status"] or "")
+        step = f"{r['step']}/{r['max_steps']}" if r["max_steps"] else str(r["step"])
+        table.add_row(r["run_id"], _escape(r["spec"] or ""), r["spec_hash"] or "", _escape(" ".join(r["overrides"])),
+                      f"[{style}]{shown}[/]" if style else shown, step, _fmt(r["loss"]),
+                      _fmt(r["valid_perplexity"]), _fmt(r["valid_bits_per_byte"]))
+    return table
+
+
+def render_runs(rows: list[dict], root) -> None:
+    console().print(runs_table(rows, root))
+
+
+def watch_runs(read_rows, root, every: float) -> None:
+    """The runs table, redrawn every `every` seconds until Ctrl-C (in place on a terminal)."""
+    import time
+
+    from rich.live import Live
+
+    out = console()
+    if not out.is_terminal:   # a pipe or a file: one table per refresh
+        try:
+            while True:
+                out.print(runs_table(read_rows(), root))
+                time.sleep(every)
+        except KeyboardInterrupt:
+            return
+    with Live(runs_table(read_rows(), root), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(every)
+                live.update(runs_table(read_rows(), root), refresh=True)
+        except KeyboardInterrupt:
+            return
 
 
 def _fmt(value) -> str:

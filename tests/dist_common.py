@@ -38,7 +38,7 @@ def make_trainer(root: Path, run_id: str, world: World = SINGLE, create: bool = 
         torch.distributed.barrier()
     run = RunDir(root / run_id)
     live = LiveView(run_id, 0, resolved.spec.train.max_steps, tty=False, quiet=True)
-    log = (MetricsLog(run.metrics_path, resolved.spec.logging.wandb, run_id, run.path, {}, live.warn)
+    log = (MetricsLog(run.metrics_path, resolved.spec, run_id, run.path, {}, live.warn)
            if world.main else None)
     return Trainer(resolved, run, parts, live, log, MonitorSet([]), world)
 

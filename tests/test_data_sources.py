@@ -115,6 +115,7 @@ def test_pull_saves_the_hub_splits_and_later_runs_need_no_network(tmp_path, monk
     rows = {"train": {"question": ["q1", "q2", "q3"], "answer": ["a1", "a2", "a3"]},
             "test": {"question": ["t1"], "answer": ["b1"]}}
     monkeypatch.setattr(sources, "_hub_revision", lambda source, cache_dir: "c0ffee" * 6 + "beef")
+    monkeypatch.setattr(sources, "_hub_bytes", lambda source, sha: 1000)
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda name, config, split, revision, cache_dir: datasets.Dataset.from_dict(rows[split]))
     source = _hub()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,19 @@ def test_bad_value_is_located(tmp_path, run_cli, name, old, new, key, fragment, 
     code, out, errtext = run_cli("check", str(path), cwd=tmp_path)
     assert code == 2 and f"{key}" in errtext and out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.toml"]  # nothing written
+
+
+def test_multiline_strings_do_not_shift_error_locations(tmp_path):
+    """A `[`, `{` or `key =` inside a multi-line string opens no value: the keys after it keep their own file
+    and line (before: the bracket left the scanner inside a value, and errors fell back to the base file)."""
+    shutil.copy(SPECS / "phase1.toml", tmp_path)
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "phase1.toml"\n[logging.wandb]\nproject = """notes [draft\nlr = 5 {\n"""\n'
+                     "name = 'a [b'\n[optim.grokfast]\nlam = -1.0\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(child)
+    assert f"child.toml:{_line_of(child, 'lam = -1.0')}: optim.grokfast.lam" in str(err.value), str(err.value)
+    assert load_spec(child, ["optim.grokfast.lam=0.3"]).spec.logging.wandb.project == "notes [draft\nlr = 5 {\n"
 
 
 def test_malformed_toml_names_file_and_line(tmp_path, run_cli):

@@ -143,7 +143,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     parts = build_components(resolved.spec, tmp_path)
     run = RunDir.create(tmp_path / "runs", "nan")
     live = LiveView("nan", 0, 20, tty=False)
-    log = MetricsLog(run.metrics_path, resolved.spec.logging.wandb, "nan", run.path, {}, live.warn)
+    log = MetricsLog(run.metrics_path, resolved.spec, "nan", run.path, {}, live.warn)
     trainer = Trainer(resolved, run, parts, live, log, MonitorSet([]))
     calls = {"n": 0}
     poison_at = {3, 7, 8, 9, 10}   # forward calls (one per step: grad_accum 1) that return a NaN loss

@@ -6,8 +6,12 @@ backed by Arrow tables (memory-mapped, so a large hub split never has to fit in 
 
 Hub sources are pulled once (`forge data pull`, or on first use when the hub is reachable) into the
 cache with `datasets.save_to_disk`; afterwards they load with `load_from_disk`, which never touches
-the network. Without network and without a pulled copy, loading fails at once with a ForgeError
-that names the source and how to point the spec at local files instead.
+the network. The download goes through the user's own Hugging Face cache (HF_DATASETS_CACHE / HF_HOME:
+what other tools downloaded is reused, and kept for them), except for a dataset larger than the cache
+budget ($FORGE_HF_CACHE_BUDGET_GB, default 20): that one is streamed straight into forge's copy. The
+commit the hub served is recorded (pulled.json, and the run's lineage.json: `hub_commits`). Without
+network and without a pulled copy, loading fails at once with a ForgeError that names the source and
+how to point the spec at local files instead.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from forge.errors import ForgeError
 from forge.spec.data import BuiltinSource, HubSource, LocalSource, Source
 
 HUB_TIMEOUT_S = 10.0   # seconds to wait for the hub's answer before treating it as unreachable
+HF_CACHE_BUDGET_GB = 20.0   # default of $FORGE_HF_CACHE_BUDGET_GB: larger datasets stream past the HF cache
 _LOADERS = {"jsonl": "json", "text": "text", "parquet": "parquet"}
 
 
@@ -236,12 +241,16 @@ def pull_hub_source(source: HubSource, cache_dir: Path, refresh: bool = False) -
     sha = _hub_revision(source, cache_dir)
     datasets = _datasets()
     target = hub_dir(source, cache_dir)
-    download = Path(cache_dir) / "hub" / ".download"
+    size = _hub_bytes(source, sha)
+    stream = size is not None and size > hf_cache_budget_bytes()
     splits = {}
     for split in [source.split] + ([source.eval_split] if source.eval_split else []):
         try:
-            table = datasets.load_dataset(source.dataset, source.config, split=split, revision=sha,
-                                          cache_dir=str(download))
+            if stream:   # rows straight from the hub into forge's copy; nothing in the HF cache
+                rows = datasets.load_dataset(source.dataset, source.config, split=split, revision=sha, streaming=True)
+                table = datasets.Dataset.from_generator(lambda rows=rows: iter(rows), cache_dir=str(target / ".stream"))
+            else:        # through the user's HF cache (None: HF_DATASETS_CACHE / HF_HOME, as `datasets` resolves it)
+                table = datasets.load_dataset(source.dataset, source.config, split=split, revision=sha, cache_dir=None)
         except Exception as err:
             raise ForgeError(f"hub source {source.name!r} ({_hub_name(source)}): could not download split "
                              f"{split!r}: {type(err).__name__}: {_first_line(err)}") from None
@@ -251,8 +260,9 @@ def pull_hub_source(source: HubSource, cache_dir: Path, refresh: bool = False) -
         with atomic_dir(target / split) as tmp:
             table.save_to_disk(str(tmp))
         splits[split] = len(table)
-    shutil.rmtree(download, ignore_errors=True)  # the saved copy is self-contained
-    info = {"dataset": source.dataset, "config": source.config, "sha": sha, "splits": splits}
+    shutil.rmtree(target / ".stream", ignore_errors=True)  # the saved copy is self-contained
+    info = {"dataset": source.dataset, "config": source.config, "sha": sha, "splits": splits,
+            "bytes_on_hub": size, "streamed": stream}
     write_json(target / "pulled.json", info)
     return info
 
@@ -260,6 +270,34 @@ def pull_hub_source(source: HubSource, cache_dir: Path, refresh: bool = False) -
 def _hub_texts(source: HubSource, cache_dir: Path, split: str) -> Texts:
     table = _datasets().load_from_disk(str(hub_dir(source, cache_dir) / split))
     return Texts([_arrow_part(source, table, f"{_hub_name(source)} split {split!r}")])
+
+
+def hf_cache_budget_bytes() -> float:
+    return float(os.environ.get("FORGE_HF_CACHE_BUDGET_GB", HF_CACHE_BUDGET_GB)) * 1e9
+
+
+def hub_commits(sources: Sequence[Source], cache_dir: Path) -> dict[str, dict]:
+    """For lineage.json: per pulled hub source, the dataset, config, the revision asked for and the commit the
+    hub served (what `datasets` loaded). Sources not pulled yet are left out."""
+    out = {}
+    for source in sources:
+        if isinstance(source, HubSource) and (info := pulled_info(source, cache_dir)):
+            out[source.name] = {"dataset": source.dataset, "config": source.config, "revision": source.revision,
+                                "commit": info["sha"]}
+    return out
+
+
+def _hub_bytes(source: HubSource, sha: str) -> Optional[int]:
+    """The size of the dataset's files at commit `sha` (the hub's file metadata), None if the hub does not say."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).dataset_info(source.dataset, revision=sha,
+                                                                         files_metadata=True, timeout=HUB_TIMEOUT_S)
+        sizes = [f.size for f in info.siblings or [] if f.size is not None]
+        return sum(sizes) if sizes else None
+    except Exception:   # the commit lookup just succeeded: a missing size only means "do not stream"
+        return None
 
 
 def _hub_revision(source: HubSource, cache_dir: Path) -> str:

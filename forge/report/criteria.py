@@ -110,7 +110,8 @@ def success_criteria(rec: RunRecord) -> list[Criterion]:
 
 PLOTS: dict[str, tuple[str, Callable[[RunRecord], list[str]]]] = {
     "loss_per_step": ("training loss per TRM step",
-                      lambda r: sorted(k for k in {k for x in r.records for k in x} if k.startswith("loss/step_"))),
+                      lambda r: sorted(k for k in {k for x in r.records for k in x}
+                                       if k.startswith("loss/step_") and not k.endswith("_last"))),
     "valid_bpb": ("validation bits per byte", lambda r: ["valid/bits_per_byte", "valid/halt/bits_per_byte"]),
     "act_steps": ("ACT average steps", lambda r: ["act/avg_steps", "valid/halt/avg_steps"]),
     "gate_usage": ("MAG gate usage", lambda r: ["gate/y_usage", "gate/m_usage", "gate/entropy"]),

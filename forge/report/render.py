@@ -61,6 +61,8 @@ def write_plots(rec: RunRecord) -> list[Path]:
 def render_terminal(rec: RunRecord, plots: list[Path]) -> None:
     from rich.table import Table
 
+    from rich.markup import escape as escape_markup
+
     from forge.ui import console
 
     out = console()
@@ -82,6 +84,11 @@ def render_terminal(rec: RunRecord, plots: list[Path]) -> None:
             curves.add_row(metric, f"{values[0]:.4g}", f"{values[-1]:.4g}", sparkline(values))
     out.print(curves)
     _render_probes(out, rec)
+    warnings = rec.run.warnings()   # the monitors' and the mirrors' (OBS-wandb, OBS-tensorboard): warnings.jsonl
+    for wid in dict.fromkeys(w["id"] for w in warnings):
+        first = next(w for w in warnings if w["id"] == wid)
+        out.print(f"[yellow]warning[/] {escape_markup(wid)} (step {first.get('step')}, "
+                  f"{sum(w['id'] == wid for w in warnings)}x): {escape_markup(str(first.get('measured', '')))}")
     if plots:
         out.print(f"[dim]plots: {', '.join(str(p) for p in plots)}[/]")
 

@@ -162,7 +162,7 @@ def key_lines(text: str) -> dict[KeyPath, int]:
     table: KeyPath = ()
     aot_count: dict[KeyPath, int] = {}
     depth = 0  # open brackets of a multi-line value: lines inside it are not assignments
-    for n, raw in enumerate(text.splitlines(), start=1):
+    for n, raw in enumerate(_mask_strings(text), start=1):
         line = _strip_comment(raw)
         if depth == 0:
             header = _HEADER.match(line)
@@ -183,6 +183,36 @@ def key_lines(text: str) -> dict[KeyPath, int]:
         bare = _STRING.sub("", line)
         depth = max(0, depth + bare.count("[") + bare.count("{") - bare.count("]") - bare.count("}"))
     return lines
+
+
+def _mask_strings(text: str) -> list[str]:
+    """The lines of `text` with every character inside a string that could look like TOML structure
+    (brackets, braces, `=`, `#`, quotes of the other kind) blanked, multi-line strings included: a
+    `[` or `key = ` inside a triple-quoted string opens no value and assigns no key. Line numbers are kept."""
+    out, quote = [], None                # quote: the delimiter of the string open at this point
+    for raw in text.splitlines():
+        chars, i = [], 0
+        while i < len(raw):
+            ch = raw[i]
+            if quote is None:
+                if ch == "#":
+                    chars.append(raw[i:])
+                    break
+                quote = raw[i:i + 3] if raw[i:i + 3] in ('"""', "'''") else ch if ch in "\"'" else None
+                chars.append(quote or ch)
+                i += len(quote or ch)
+            elif raw.startswith(quote, i):
+                chars.append(quote)
+                i += len(quote)
+                quote = None
+            else:
+                escaped = quote[0] == '"' and ch == "\\"
+                chars.append(" " * len(raw[i:i + 2]) if escaped else ch if ch.isalnum() or ch in "_-. " else " ")
+                i += 2 if escaped else 1
+        if quote is not None and len(quote) == 1:   # a one-line string cannot go on (malformed: tomllib said so)
+            quote = None
+        out.append("".join(chars))
+    return out
 
 
 def _strip_comment(line: str) -> str:

@@ -43,17 +43,35 @@ class CheckpointSpec(Section):
 
 
 class WandbSpec(Section):
-    project: str = Field(min_length=1, description="W&B project.")
-    name: str = Field(min_length=1, description="W&B run display name.")
-    entity: Optional[str] = Field(None, description="W&B entity (team or user); unset = the default.")
+    """Defaults for W&B: a WANDB_* environment variable, where set, wins (WANDB_MODE, WANDB_DIR, WANDB_PROJECT,
+    WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_JOB_TYPE, WANDB_TAGS; WANDB_DISABLED=true is mode disabled),
+    as W&B users expect. The W&B run id is always the forge run id (a resumed run continues its W&B run)."""
+
+    project: str = Field(min_length=1, description="W&B project (WANDB_PROJECT wins).")
+    name: Optional[str] = Field(None, min_length=1, description="W&B run display name; unset = the forge run id "
+                                                                "(WANDB_NAME wins).")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user); unset = the default (WANDB_ENTITY "
+                                                    "wins).")
     mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline writes under the run "
-                                                                                 "directory; disabled writes nothing.")
+                                                                                 "directory (sync later with "
+                                                                                 "`wandb sync`); disabled writes "
+                                                                                 "nothing (WANDB_MODE wins).")
+    group: Optional[str] = Field(None, min_length=1, description="W&B group; unset = run.name, so the runs of one "
+                                                                 "spec sit together (WANDB_RUN_GROUP wins).")
+    job_type: str = Field("train", min_length=1, description="W&B job type (WANDB_JOB_TYPE wins).")
+    tags: list[str] = Field([], description="Extra W&B tags; forge adds spec:<hash12> and the id of every "
+                                            "during-training warning (WANDB_TAGS, comma-separated, adds to them).")
+    log_checkpoints: bool = Field(False, description="Upload every checkpoint as a W&B artifact (type model, "
+                                                     "aliases step-N and latest).")
 
 
 class LoggingSpec(Section):
     every: PositiveInt = Field(description="Compute and log metrics every N steps.")
     histograms: bool = Field(description="Log weight/activation histograms (costly; F1).")
     gradients: bool = Field(description="Log per-parameter gradient norms (costly; F1).")
+    tensorboard: bool = Field(False, description="Also write the scalars, images and tables to TensorBoard "
+                                                 "(torch.utils.tensorboard) under <run>/tensorboard; needs the "
+                                                 "tensorboard package (pip install 'forge-cognate[tensorboard]').")
     wandb: WandbSpec
 
 

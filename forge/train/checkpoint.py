@@ -41,6 +41,14 @@ class CheckpointError(ForgeError):
     pass
 
 
+def chmod_like_open(path: Path) -> None:
+    """safetensors creates its file 0600; give it the mode open() gives every other file of the run (0666 less
+    the umask), so a run directory shared with a group or copied elsewhere is readable throughout."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
@@ -86,6 +94,7 @@ def _write_files(tmp: Path, step: int, model, state: dict[str, Any], meta: dict[
         save_file(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     else:
         save_model(model, str(tmp / "model.safetensors"))
+    chmod_like_open(tmp / "model.safetensors")
     torch.save(state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step,
                                                "saved": dt.datetime.now().isoformat(timespec="seconds")},

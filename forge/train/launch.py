@@ -1,6 +1,7 @@
 """`forge train`: gate the spec, set up (or reopen) the run directory, train, record the outcome."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -8,6 +9,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge import ui
 from forge.checklist.runner import ChecklistResult, run_checklist
 from forge.distributed import SINGLE, World
 from forge.errors import ForgeError
@@ -37,9 +39,13 @@ def _file_sha256(path: Path) -> str:
 
 
 def lineage(resolved: ResolvedSpec, force: bool) -> dict:
+    from forge.data.cache import default_cache_dir
+    from forge.data.sources import hub_commits
+
     return {"run_format": RUN_FORMAT, "spec_file": str(resolved.path), "spec_hash": resolved.hash,
             "chain": [{"path": str(p), "sha256": _file_sha256(p)} for p in resolved.chain],
-            "overrides": list(resolved.overrides), "forced": force}
+            "overrides": list(resolved.overrides), "forced": force,
+            "hub_commits": hub_commits(resolved.spec.data.sources, default_cache_dir())}
 
 
 def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: bool,
@@ -124,8 +130,11 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     started = False      # past validation: from here on an error is recorded in the run
     try:
         candidates, skipped, kept = _resume_candidates(run, from_step) if resume else ([], [], "")
-        parts = build_components(spec, data_dir, world=world)
-        latest, counters = _resume_point(run, parts, candidates, skipped, kept) if resume else (None, None)
+        with ui.working("preparing the data (cached after the first run) and building the model") if main \
+                else contextlib.nullcontext():
+            parts = build_components(spec, data_dir, world=world)
+        latest, resumed = _resume_point(run, parts, candidates, skipped, kept) if resume else (None, None)
+        counters, window = resumed or (None, None)
         start_step = counters.step if counters else 0
         monitors = MonitorSet(load_monitors(spec.run.checklist))
         started = True
@@ -144,11 +153,11 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
             live.warn(line)
         live.note(f"precision: {parts.precision.describe()}")
         if main:
-            log = MetricsLog(run.metrics_path, spec.logging.wandb, run.run_id, run.path,
-                             spec.model_dump(mode="json"), warn=live.warn)
+            log = MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
         trainer = Trainer(resolved, run, parts, live, log, monitors, world)
         if latest is not None:
             trainer.counters = counters
+            trainer.loss_window.load_state_dict(window, parts.device)
             live.note(f"resumed {run.run_id} from {latest.name}"
                       + (f" on {world.size} processes" if world.distributed else ""))
         if main:

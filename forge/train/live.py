@@ -21,6 +21,7 @@ class LiveView:
         self.tty = not quiet and (sys.stdout.isatty() if tty is None else tty)
         self.t0 = time.perf_counter()
         self.warnings: list[str] = []
+        self._latest: dict[str, float] = {}
         self._progress = None
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -40,31 +41,42 @@ class LiveView:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    def _stats(self, step: int, record: dict[str, Any]) -> str:
-        parts = []
-        for key, label, fmt in (("loss/total", "loss", "{:.4f}"), ("perf/tokens_per_sec", "tok/s", "{:,.0f}"),
-                                ("valid/bits_per_byte", "val bpb", "{:.3f}")):
-            if isinstance(record.get(key), (int, float)):
-                parts.append(f"{label} {fmt.format(record[key])}")
-        return "  ".join(parts)
+    # (metric, label, format): the composite objective, the cross-entropy users compare with ln(vocab), the
+    # throughput, and the newest validation bits per byte (kept between evaluations)
+    LINE = (("loss/total", "loss", "{:.3f}"), ("loss/ce", "ce", "{:.3f}"), ("perf/tokens_per_sec", "tok/s", "{:,.0f}"),
+            ("valid/bits_per_byte", "val bpb", "{:.3f}"))
+
+    def _stats(self, record: dict[str, Any]) -> str:
+        self._latest.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        return "  ".join(f"{label} {fmt.format(self._latest[key])}" for key, label, fmt in self.LINE
+                         if key in self._latest)
 
     def step(self, step: int, record: dict[str, Any] | None = None) -> None:
-        """Called after every optimizer step; `record` is the logged metrics on logging steps."""
+        """Called after every optimizer step; `record` is the logged metrics on logging steps. A record with an
+        evaluation in it is announced on a line of its own."""
+        if record and isinstance(record.get("valid/perplexity"), (int, float)):
+            halt = record.get("valid/halt/perplexity")
+            self.note(f"eval step {step}: valid ppl {record['valid/perplexity']:.2f}  "
+                      f"bpb {record.get('valid/bits_per_byte', float('nan')):.3f}"
+                      + (f"  (ACT halting: ppl {halt:.2f})" if isinstance(halt, (int, float)) else ""))
         if self._progress is not None:
-            fields = {"stats": self._stats(step, record)} if record else {}
+            fields = {"stats": self._stats(record)} if record else {}
             self._progress.update(self._task, completed=step, **fields)
         elif record:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.t0
             eta = _eta(elapsed / done * (self.max_steps - step)) if done else "?"
-            self._line(f"step {step}/{self.max_steps}  {self._stats(step, record)}  eta {eta}")
+            self._line(f"step {step}/{self.max_steps}  {self._stats(record)}  eta {eta}")
 
     def note(self, text: str) -> None:
         """Informational line (evaluation results, checkpoints)."""
         if self._progress is not None:
-            self._progress.console.print(text, highlight=False)
+            self._progress.console.print(text, highlight=False, markup=False)
         else:
             self._line(text)
+
+    def checkpoint(self, step: int, path, background: bool) -> None:
+        self.note(f"checkpoint step {step}: {'writing in the background to ' if background else 'wrote '}{path}")
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)

@@ -51,8 +51,9 @@ class Counters:
     qk_clip_total: int = 0
 
 
-def restore(parts: Components, path) -> Counters:
-    """Load checkpoint `path` into the model, optimizer, schedule, data loader and RNG; its counters.
+def restore(parts: Components, path) -> tuple[Counters, dict]:
+    """Load checkpoint `path` into the model, optimizer, schedule, data loader and RNG; its counters and the
+    state of the trainer's loss window.
     CheckpointError (a ForgeError) if it does not load or does not fit this run's components."""
     state, _ = ckpt.load_checkpoint(path, parts.model)
     try:
@@ -60,12 +61,48 @@ def restore(parts: Components, path) -> Counters:
         parts.schedule.load_state_dict(state["schedule"])
         parts.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        return Counters(**state["counters"])
+        return Counters(**state["counters"]), state.get("loss_window", {})
     except ForgeError as err:
         raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {err}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ckpt.CheckpointError(f"checkpoint {path} holds an unusable state.pt: {type(err).__name__}: "
                                    f"{err}") from None
+
+
+LOSS_PREFIX = "loss/"
+
+
+class LossWindow:
+    """The losses of the steps since the last logging step. A logging step logs each loss as the mean over
+    its window's finite values (a skipped non-finite step is counted by optim/nonfinite_count instead; an
+    all-non-finite window logs null) and the logging step's own value as `<name>_last`: curves without the
+    noise of one sampled step, and the raw value still there. Sums stay on the device (no sync per step)
+    and travel in checkpoints, so a resumed run logs the same means."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():
+            finite = torch.isfinite(v)
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(finite, v, 0.0)
+            self.counts[k] = self.counts.get(k, 0) + finite.float()
+
+    def pop(self, last: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Window means under the losses' names and `last`'s values under `<name>_last`; starts a new window."""
+        out = {f"{k}_last": last[k] for k in self.sums if k in last}
+        out.update({k: torch.where(self.counts[k] > 0, self.sums[k] / self.counts[k].clamp(min=1), float("nan"))
+                    for k in self.sums})
+        self.sums, self.counts = {}, {}
+        return out
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"sums": dict(self.sums), "counts": {k: torch.as_tensor(v) for k, v in self.counts.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state.get("sums", {}).items()}
+        self.counts = {k: v.to(device) for k, v in state.get("counts", {}).items()}
 
 
 class Trainer:
@@ -81,6 +118,7 @@ class Trainer:
             distributed.check_batch_split(self.spec.data.batch_size, self.spec.data.grad_accum, world.size)
             self.forward_model = self._wrap_ddp(parts.model)
         self.counters = Counters()
+        self.loss_window = LossWindow()
         self.stop_reason: str | None = None
         # "logged"/"plain": summed time and count of steps with and without metric collection (F1)
         self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "checkpoint": 0.0, "window_tokens": 0,
@@ -113,7 +151,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"counters": vars(self.counters).copy(), "optimizer": self.parts.optimizer.state_dict(),
                 "schedule": self.parts.schedule.state_dict(), "data": self.parts.loader.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), "loss_window": self.loss_window.state_dict()}
 
     def save(self) -> None:
         """Write a checkpoint (and prune old ones); with checkpoint.async_save in a background thread, from a
@@ -128,7 +166,9 @@ class Trainer:
         meta = {"run_id": self.run.run_id, "spec_hash": self.spec_hash}
 
         def write(weights, state):
-            ckpt.save_checkpoint(self.run.checkpoints, step, weights, state, meta)
+            path = ckpt.save_checkpoint(self.run.checkpoints, step, weights, state, meta)
+            if self.log is not None:
+                self.log.checkpoint(step, path)    # a W&B artifact when the spec asks
             ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
 
         if self._writer is None:
@@ -137,6 +177,7 @@ class Trainer:
             self._writer.submit(write, *ckpt.snapshot(self.parts.model, self.state_dict()))
         self.run.set_status("running", step=step)  # forge runs shows progress between checkpoints
         self._timing["checkpoint"] += time.perf_counter() - t0   # training blocked (F2: perf/checkpoint_fraction)
+        self.live.checkpoint(step, self.run.checkpoints / ckpt.step_dir_name(step), background=self._writer is not None)
 
     def wait_for_checkpoint(self) -> None:
         """Block until a background checkpoint write is on disk (raises its error, if any)."""
@@ -144,7 +185,8 @@ class Trainer:
             self._writer.wait()
 
     def restore(self, path) -> None:
-        self.counters = restore(self.parts, path)
+        self.counters, window = restore(self.parts, path)
+        self.loss_window.load_state_dict(window, self.parts.device)
 
     # ------------------------------------------------------------------------------ one step
     def act_loss_weight(self, step: int) -> float:
@@ -173,8 +215,8 @@ class Trainer:
                     out = self.forward_model(idx, targets, act_loss_weight=self.act_loss_weight(step))
                     (out.loss / len(micro_batches)).backward()
                 n_tokens += targets.numel() * self.world.size
-                if collect:
-                    for k, v in out.metrics.items():
+                for k, v in out.metrics.items():
+                    if collect or k.startswith(LOSS_PREFIX):   # losses every step: the logged window mean
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
         state_grads = model.trm.pop_state_grad_norms() if model.trm is not None else {}
         if collect and self.spec.logging.gradients:   # raw gradients, before Grokfast and clipping
@@ -198,11 +240,13 @@ class Trainer:
         kind = self._timing["logged" if collect else "plain"]
         kind[0] += elapsed
         kind[1] += 1
+        metrics = {k: v / len(micro_batches) for k, v in sums.items()}
+        self.loss_window.add({k: v for k, v in metrics.items() if k.startswith(LOSS_PREFIX)})
         if not collect:
             return {}
         if self.spec.logging.histograms and self.log is not None:
             self.log.histograms(c.step, dict(model.named_parameters()))
-        metrics = {k: v / len(micro_batches) for k, v in sums.items()}
+        metrics.update(self.loss_window.pop(metrics))
         metrics.update(state_grads)
         if self.world.distributed:   # model statistics are per rank (optimizer metrics are equal on every rank)
             metrics = distributed.reduce_metrics(metrics, self.parts.device)
@@ -274,6 +318,7 @@ class Trainer:
         for w in self.monitors.observe({"step": step, **values}):
             self.live.warn(f"[{w.id}] {w.title}: {w.measured} (step {w.step})")
             self.run.append_warning({"step": w.step, "id": w.id, "title": w.title, "measured": w.measured})
+            self.log.tag(w.id)
         self.live.step(step, values)
         self._timing["logging"] += time.perf_counter() - t0
 
@@ -317,7 +362,8 @@ class Trainer:
 
     def _evaluate_and_record(self, step: int, collect: bool, metrics: dict[str, Any], last: bool) -> None:
         spec = self.spec
-        if step % spec.train.eval_every == 0 or last:
+        evaluated = step % spec.train.eval_every == 0 or last
+        if evaluated:
             metrics.update(self.evaluate(step))
         if spec.merge_preview.enabled and step % spec.merge_preview.every == 0:
             self.wait_for_checkpoint()     # the parent is the newest checkpoint on disk
@@ -328,6 +374,8 @@ class Trainer:
             self.record({**metrics, **self.perf_metrics()} if collect else metrics)
         else:
             self.live.step(step)
+        if evaluated:
+            self.log.evaluation(step, metrics)   # plots, heatmaps, samples, success table to W&B / TensorBoard
 
     def evaluate(self, step: int) -> dict[str, float]:
         """valid/* (perplexity, bits per byte, halting histogram) and the probes, without side effects on

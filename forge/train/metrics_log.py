@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from forge.train.mirrors import SUMMARY_PREFIXES
+
 
 HISTOGRAM_QUANTILES = [0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0]
 
@@ -36,43 +38,72 @@ def _finite_or_none(value: float) -> float | None:
 
 
 class MetricsLog:
-    """Append-only JSONL writer plus an optional W&B mirror. `warn` reports a problem once."""
+    """Append-only JSONL writer plus the mirrors the spec asks for (forge/train/mirrors.py: W&B, TensorBoard).
+    A mirror that cannot start or fails later is dropped: `warn` shows it once and warnings.jsonl keeps it
+    (id OBS-wandb / OBS-tensorboard); the run goes on with local metrics."""
 
-    def __init__(self, path: Path, wandb_spec, run_id: str, run_dir: Path, config: dict[str, Any],
+    def __init__(self, path: Path, spec, run_id: str, run_dir: Path, lineage: dict[str, Any],
                  warn: Callable[[str], None]):
-        self.path = path
+        from forge.train.mirrors import wandb_settings
+
+        self.path, self.run_dir = path, run_dir
         self._file = open(path, "a", encoding="utf-8")
         self._warn = warn
-        self._wandb = None
-        if wandb_spec.mode != "disabled":
-            self._wandb = self._start_wandb(wandb_spec, run_id, run_dir, config)
+        self._step = 0
+        self._summary: dict[str, Any] = {}
+        self._mirrors: list = []
+        settings = wandb_settings(spec.logging.wandb, run_id, spec.run.name, run_dir, lineage.get("spec_hash", ""))
+        if settings is not None:
+            config = {**spec.model_dump(mode="json"), "lineage": lineage}
+            self._start("wandb", lambda m: m.WandbMirror(settings, config, spec.logging.wandb.log_checkpoints))
+        if spec.logging.tensorboard:
+            self._start("tensorboard", lambda m: m.TensorBoardMirror(run_dir / "tensorboard"))
 
-    def _start_wandb(self, wandb_spec, run_id: str, run_dir: Path, config: dict[str, Any]):
+    @property
+    def mirrors(self) -> list[str]:
+        return [m.name for m in self._mirrors]
+
+    def _start(self, name: str, make) -> None:
+        from forge.train import mirrors
+
         try:
-            import wandb
+            self._mirrors.append(make(mirrors))
+        except Exception as err:
+            self._failed(name, "could not start", err)
 
-            os.environ.setdefault("WANDB_SILENT", "true")
-            return wandb.init(project=wandb_spec.project, name=wandb_spec.name, entity=wandb_spec.entity,
-                              mode=wandb_spec.mode, id=run_id, resume="allow", dir=str(run_dir),
-                              config=config, settings=wandb.Settings(console="off", x_disable_stats=True))
-        except Exception as err:  # W&B is a mirror: the run goes on with local metrics
-            self._warn(f"W&B could not start ({type(err).__name__}: {err}); metrics go to {self.path} only")
-            return None
+    def _failed(self, name: str, what: str, err: BaseException) -> None:
+        from forge.train.run_dir import RunDir
+
+        label = {"wandb": "W&B", "tensorboard": "TensorBoard"}[name]
+        message = f"{label} {what} ({type(err).__name__}: {err}); metrics go to {self.path} only"
+        self._warn(message)
+        RunDir(self.run_dir).append_warning({"step": self._step, "id": f"OBS-{name}", "title": f"{label} failed",
+                                             "measured": message})
+
+    def _mirror(self, method: str, *args) -> None:
+        for mirror in list(self._mirrors):
+            try:
+                getattr(mirror, method)(*args)
+            except Exception as err:   # a mirror: the run goes on with local metrics
+                self._mirrors.remove(mirror)
+                self._failed(mirror.name, f"{method} failed", err)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._step = step
         record = {"step": step, **{k: _finite_or_none(float(v)) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._wandb is not None:
-            try:
-                self._wandb.log(metrics, step=step)
-            except Exception as err:
-                self._warn(f"W&B logging failed ({type(err).__name__}: {err}); continuing with local metrics")
-                self._wandb = None
+        if not self._mirrors:
+            return
+        constants = {k: float(v) for k, v in metrics.items() if k.startswith(SUMMARY_PREFIXES)}
+        if any(self._summary.get(k) != v for k, v in constants.items()):
+            self._summary.update(constants)
+            self._mirror("summary", constants)
+        self._mirror("log", step, {k: float(v) for k, v in metrics.items() if k not in constants})
 
     def histograms(self, step: int, tensors: dict) -> None:
         """logging.histograms: the distribution of every parameter, as quantiles in histograms.jsonl next
-        to metrics.jsonl (one line per step) and as W&B histograms when W&B runs. Costly (F1): off by default."""
+        to metrics.jsonl (one line per step) and as histograms in the mirrors. Costly (F1): off by default."""
         import torch
 
         q = torch.tensor(HISTOGRAM_QUANTILES)
@@ -84,17 +115,51 @@ class MetricsLog:
             summary[name] = [round(float(v), 6) for v in torch.quantile(flat, q)]
         with open(self.path.with_name("histograms.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "quantiles": HISTOGRAM_QUANTILES, "params": summary}) + "\n")
-        if self._wandb is not None:
-            import wandb
+        self._mirror("histograms", step, tensors)
 
-            self._wandb.log({f"hist/{n}": wandb.Histogram(t.detach().float().cpu().numpy())
-                             for n, t in tensors.items()}, step=step)
+    def evaluation(self, step: int, record: dict[str, Any]) -> None:
+        """After an evaluation (its metrics logged): the run's plots, the ACT histogram, the attention heatmaps of
+        this step, this step's samples and the success criteria, as images and tables in the mirrors. Read from
+        the run directory, as forge report does; nothing is computed for metrics.jsonl."""
+        if not self._mirrors:
+            return
+        self._mirror("media", step, *evaluation_media(self.run_dir, step, record))
+
+    def tag(self, tag: str) -> None:
+        """A during-training warning's id (W&B tag)."""
+        self._mirror("tag", tag)
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        """A checkpoint on disk (W&B artifact when logging.wandb.log_checkpoints)."""
+        self._mirror("checkpoint", step, path)
 
     def close(self, exit_code: int = 0) -> None:
         self._file.close()
-        if self._wandb is not None:
-            try:
-                self._wandb.finish(exit_code=exit_code)
-            except Exception as err:
-                self._warn(f"W&B finish failed ({type(err).__name__}: {err})")
-            self._wandb = None
+        self._mirror("close", exit_code)
+        self._mirrors = []
+
+
+def evaluation_media(run_dir: Path, step: int, record: dict[str, Any]):
+    """(images {key: png}, tables {key: (columns, rows)}) for the mirrors at an evaluation."""
+    from forge.probes.suite import SAMPLES
+    from forge.report.criteria import RunRecord, success_criteria
+    from forge.report.probes import HALT_SHARE
+    from forge.report.render import write_plots
+    from forge.train.run_dir import RunDir
+
+    rec = RunRecord.load(RunDir(run_dir))
+    images = {f"plots/{p.stem}": p for p in write_plots(rec) if not p.stem.startswith("heatmaps_step-")}
+    heatmap = run_dir / "plots" / f"heatmaps_step-{step:07d}.png"
+    if heatmap.is_file():
+        images["probes/attention_heatmaps"] = heatmap
+    tables = {"report/success_criteria": (["criterion", "measured", "target", "status"],
+                                          [[c.name, c.measured, c.target, c.status] for c in success_criteria(rec)])}
+    shares = sorted((int(m.group(1)), v) for k, v in record.items() if (m := HALT_SHARE.match(k)))
+    if shares:
+        tables["act/halting_histogram"] = (["outer steps used", "share of tokens"], [[t + 1, v] for t, v in shares])
+    samples = [json.loads(line) for line in (run_dir / SAMPLES).read_text(encoding="utf-8").splitlines()
+               if line.strip()] if (run_dir / SAMPLES).is_file() else []
+    rows = [[s["source"], s["prompt"], s["completion"], s["avg_steps"]] for s in samples if s.get("step") == step]
+    if rows:
+        tables["probes/samples"] = (["source", "prompt", "completion", "ACT steps per token"], rows)
+    return images, tables

@@ -27,7 +27,20 @@ def _record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def _planned_steps(run: Path) -> int | None:
+    """train.max_steps of the run's resolved spec (read as TOML: no validation needed for one number)."""
+    import tomllib
+
+    try:
+        return tomllib.loads((run / "spec.toml").read_text(encoding="utf-8"))["train"]["max_steps"]
+    except (OSError, UnicodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return None
+
+
 def list_runs(root: Path) -> list[dict[str, Any]]:
+    """One row per run: its status as a person reads it ("stopped at --max-steps" for a run that finished
+    before train.max_steps), the newest step (a running run's last logged step, which status.json only
+    records at checkpoints), the spec file, hash and --set overrides, the last loss and validation scores."""
     rows = []
     for path in sorted(root.glob("*/status.json")) if root.is_dir() else []:
         run = path.parent
@@ -38,8 +51,15 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             records = read_metrics(run / "metrics.jsonl")
         except (OSError, UnicodeError, ValueError):
             records = []
+        steps = [s for s in (status.get("step", 0), *(r.get("step") for r in records[-1:])) if isinstance(s, int)]
+        step = max(steps, default=0)
+        planned = _planned_steps(run)
+        state = status.get("status")
+        shown = "stopped at --max-steps" if state == "finished" and planned and step < planned else state
         rows.append({"run_id": run.name, "spec": Path(str(lineage.get("spec_file", ""))).name or None,
-                     "status": status.get("status"), "step": status.get("step", 0),
+                     "spec_hash": (str(lineage.get("spec_hash") or ""))[:12] or None,
+                     "overrides": list(lineage.get("overrides", [])), "status": state, "shown_status": shown,
+                     "step": step, "max_steps": planned,
                      "updated": status.get("updated"), "loss": _last(records, "loss/total"),
                      "valid_perplexity": _last(records, "valid/perplexity"),
                      "valid_bits_per_byte": _last(records, "valid/bits_per_byte")})

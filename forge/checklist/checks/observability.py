@@ -7,30 +7,54 @@ import os
 from pathlib import Path
 
 from forge.checklist.context import CheckContext
-from forge.checklist.registry import Outcome, failed, passed, register
+from forge.checklist.registry import Outcome, failed, passed, register, skipped
 
 
 @register("wandb_ready")
 def wandb_ready(ctx: CheckContext) -> Outcome:
-    """W&B can start in the spec's mode: installed; offline -> the run directory is writable;
-    online -> an API key is configured. (The run still logs locally if W&B fails; see forge train.)"""
-    mode = ctx.spec.logging.wandb.mode
-    if mode == "disabled":
-        return passed("mode disabled", "offline|online|disabled", "W&B disabled: metrics go to metrics.jsonl only")
+    """W&B starts in the mode the run will use (the spec's, or WANDB_MODE's: forge.train.mirrors): offline, a
+    real offline W&B run is started and finished in a temporary directory; online, an API key must be
+    configured (nothing is started: that would create a run on the server, so the start itself is `skip`);
+    disabled, there is nothing to start (`skip`). The run still logs locally if W&B fails (warnings.jsonl)."""
+    from forge.train.mirrors import wandb_settings
+
+    settings = wandb_settings(ctx.spec.logging.wandb, "forge-check", ctx.spec.run.name, Path("."), "")
+    if settings is None:
+        return skipped("W&B disabled (logging.wandb.mode or WANDB_MODE/WANDB_DISABLED): nothing to start")
+    mode = settings["mode"]
     if importlib.util.find_spec("wandb") is None:
         return failed("wandb not installed", f"wandb importable for mode {mode}", "pip install wandb")
     version = importlib.metadata.version("wandb")
     if mode == "offline":
-        out = Path(ctx.spec.run.output_dir)
-        probe = out if out.exists() else next((p for p in out.resolve().parents if p.exists()), Path("."))
-        if not os.access(probe, os.W_OK):
-            return failed(f"{probe} not writable", "writable output_dir", f"wandb {version}, mode offline")
-        return passed(f"wandb {version}, offline", "initialisable", f"offline files go under {out}/<run-id>/wandb")
+        return _start_offline(settings, version)
     has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
     if not has_key:
-        return failed(f"wandb {version}, online, no API key", "WANDB_API_KEY or `wandb login`",
+        return failed(f"wandb {version}, {mode}, no API key", "WANDB_API_KEY or `wandb login`",
                       "set WANDB_API_KEY, run `wandb login`, or --set logging.wandb.mode=offline")
-    return passed(f"wandb {version}, online", "initialisable", "API key found")
+    return skipped(f"wandb {version}, {mode}: API key found; not started before the run (it would create a W&B "
+                   "run on the server)")
+
+
+def _start_offline(settings: dict, version: str) -> Outcome:
+    import tempfile
+    import time
+
+    import wandb
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="forge-wandb-check-") as tmp:
+        try:
+            run = wandb.init(**{**settings, "dir": tmp, "id": f"forge-check-{os.getpid()}", "resume": None},
+                             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+            run.finish()
+        except Exception as err:
+            return failed(f"wandb {version}, offline: {type(err).__name__}: {err}", "an offline run starts",
+                          "the run would log to metrics.jsonl only")
+        finally:
+            wandb.teardown()
+    return passed(f"wandb {version}, offline run started and finished in {time.perf_counter() - t0:.1f} s",
+                  "an offline run starts", f"the run's W&B files go under {settings['dir']}/wandb (WANDB_DIR)"
+                  if settings["dir"] != "." else "the run's W&B files go under <run dir>/wandb")
 
 
 def _netrc_has_wandb() -> bool:

@@ -164,7 +164,7 @@ def inject_once(cwd: Path, kind: str, steps: int = 3) -> dict:
     resolved, run = reopen(RUN, case.parent, lock=False)
     parts = build_components(resolved.spec, cwd)
     live = LiveView(RUN, 0, 0, tty=False, quiet=True)
-    log = MetricsLog(run.metrics_path, resolved.spec.logging.wandb, RUN, run.path, {}, live.warn)
+    log = MetricsLog(run.metrics_path, resolved.spec, RUN, run.path, {}, live.warn)
     trainer = Trainer(resolved, run, parts, live, log, MonitorSet([]))
     trainer.restore(ckpt.latest_valid(run.checkpoints, report=lambda _: None))
     start, nonfinite_before = trainer.counters.step, trainer.counters.nonfinite_total

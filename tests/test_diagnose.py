@@ -10,7 +10,6 @@ import pytest
 from conftest import REPO, SPECS
 from forge.diagnose.patch import apply_finding, build_patch, read_patch, write_patched_spec
 from forge.diagnose.rules import load_rules
-from forge.diagnose.run import lock_held
 from forge.errors import ForgeError, SpecError
 from forge.metrics.catalogue import load_catalogue
 from forge.metrics.jsonl import read_metric_stream
@@ -150,10 +149,10 @@ def test_live_lock_holder_is_not_stale(tmp_path):
     from forge.train.run_dir import RunDir
 
     run_dir = RunDir(_run_dir(tmp_path, H, {"status": "running"}))
-    assert not lock_held(run_dir)
+    assert not run_dir.lock_held()
     run_dir.lock()
     try:
-        assert lock_held(run_dir)
+        assert run_dir.lock_held()
     finally:
         run_dir.unlock()
 

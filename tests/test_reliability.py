@@ -95,7 +95,7 @@ def test_inf_lr_never_reaches_weights_or_checkpoints_and_counters_agree(tmp_path
     parts = build_components(resolved.spec, tmp_path)
     run = RunDir.create(tmp_path / "runs", "inf")
     live = LiveView("inf", 0, 12, tty=False, quiet=True)
-    log = MetricsLog(run.metrics_path, resolved.spec.logging.wandb, "inf", run.path, {}, live.warn)
+    log = MetricsLog(run.metrics_path, resolved.spec, "inf", run.path, {}, live.warn)
     trainer = Trainer(resolved, run, parts, live, log, MonitorSet([]))
     assert trainer.run_until(2) == "finished"
     for group in parts.optimizer.param_groups:
@@ -321,4 +321,4 @@ def test_a_spec_this_forge_cannot_validate_names_the_run_format(run_cli, trained
     assert "merge_preview: required key is missing" in err
     for command in ("diagnose", "report"):
         code, _, err = run_cli(command, "r", "--json", cwd=tmp_path)
-        assert code in (0, 1), (command, err)
+        assert code in (0, 1, 3), (command, err)   # read, not refused (3: diagnose undecidable; 2 = bad input)

@@ -224,7 +224,7 @@ def diagnose(target: str = typer.Argument(..., metavar="RUN_ID|PATH.jsonl",
                                                "(forge's or the design's metric names)."),
              output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
              spec: Optional[Path] = typer.Option(None, "--spec", help="With a metrics JSONL: the spec it ran "
-                                                                      "[default: specs/phase1.toml, the design's]."),
+                                                                      "(default: specs/phase1.toml, the design's)."),
              apply: bool = typer.Option(False, "--apply", help="Write the top finding's remedy as a new spec that "
                                                                "extends the run's spec (without it: dry run)."),
              finding: Optional[str] = typer.Option(None, "--finding", help="Apply this finding's remedy instead of "

@@ -95,6 +95,13 @@ CASES: dict[str, tuple] = {
                                    loss__step_1=lambda i: H[i]["loss/total"] * 1.001), "C2-no-recursion-gain"),
     "C2 NaN now": (with_(H, optim__nonfinite_count=lambda i: 0 if i < 27 else 3 * (i - 26)), "C2-nonfinite-updates"),
     "C2 NaN steady": (with_(H, optim__nonfinite_count=lambda i: i), "C2-nonfinite-updates"),
+    "A1 reasoning flat": (with_(H, valid__perplexity=lambda i: 40 - 0.7 * i, valid__reasoning_accuracy=lambda i: 0.05),
+                          spec_with(probes__reasoning_items=32), FINISHED, "A1-objective-mismatch"),
+    "A1 reasoning falls": (with_(H, valid__perplexity=lambda i: 40 - 0.8 * i,
+                                 valid__reasoning_accuracy=lambda i: 0.2 - 0.002 * i),
+                           spec_with(probes__reasoning_items=32), FINISHED, "A1-objective-mismatch"),
+    "near: A1 early run, reasoning 0": (with_(H, valid__reasoning_accuracy=lambda i: 0.0),
+                                        spec_with(probes__reasoning_items=32), FINISHED, "healthy"),
     "B2 loss spikes": (with_(H, loss__total=lambda i: H[i]["loss/total"] + (6 if i in (22, 26) else 0)),
                        "B2-attention-instability"),
     "B2 three spikes": (with_(H, loss__total=lambda i: H[i]["loss/total"] + (4 if i in (12, 20, 27) else 0)),
@@ -230,7 +237,7 @@ def test_every_tree_rule_has_streams():
     rules = {r.id for r in load_rules(checklist_dir() / "diagnose.toml")}
     covered = [_case(n)[3] for n in CASES]
     missing = sorted(r for r in rules if covered.count(r) < 2 and r != "G2-optimizer-config-reuse"
-                     and r != "RUN-stale" and r != "A1-objective-mismatch")
+                     and r != "RUN-stale")
     assert not missing, missing
 
 

@@ -96,7 +96,6 @@ class Verdict:
         return STATES.index(self.state), self.rule.severity != "critical", self.rule.monitor, -self.confidence
 
 
-
 def load_rules(path: Path) -> list[Rule]:
     rules = load_entries(path, "rule", Rule, "invalid diagnose rules", lambda r: r.when)
     ids = [r.id for r in rules]

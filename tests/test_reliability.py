@@ -109,7 +109,7 @@ def test_inf_lr_never_reaches_weights_or_checkpoints_and_counters_agree(tmp_path
     assert all(ckpt.verify(p) is None for p in kept)
     fresh = build_components(resolved.spec, tmp_path)
     # step 3 still ran at the lr computed before the change; 4, 5 and 6 were undone; 4 was then checkpointed
-    assert restore(fresh, kept[-1]).nonfinite_total == 1
+    assert restore(fresh, kept[-1])[0].nonfinite_total == 1
 
     with torch.no_grad():
         next(parts.model.parameters())[0] = float("nan")   # evaluation and checkpoints refuse such weights

@@ -64,7 +64,7 @@ class Catalogue:
 
     def check(self, name: str, where: str, key: str = "metric") -> None:
         """An error at `where` (file:line) unless `name` is declared. `{last}` (the last outer step) and
-        other placeholders in a rule's metric name stand for a family member."""
+        other `{x}` fields in a rule's metric name stand for a family member."""
         probe = re.sub(r"\{[a-z_]+\}", "0", name)
         if self.entry(probe) is None:
             near = [m.name for m in self.metrics if m.name.split("/")[0] == name.split("/")[0]][:6]

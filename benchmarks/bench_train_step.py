@@ -229,6 +229,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", help="only these cases (names as in the table)")
     parser.add_argument("--core", action="store_true", help="step, sections and the max-logit pair only (no "
                                                             "logging step, no components): a third of the time")
+    parser.add_argument("--steps-only", action="store_true", help="step and sections only (MFU and the "
+                                                                  "optimizer's share)")
     add_device_option(parser)
     args = parser.parse_args()
     setup_threads(args.threads)
@@ -253,14 +255,14 @@ def main() -> None:
         cases[f"peak|{p}"] = lambda dtype=dtype: matmul_peak_flops(device, n=n, repeats=2, dtype=dtype)
     for name, tr in trainers.items():
         cases[f"{name}|step"] = lambda tr=tr: tr.train_step(collect=False)
-        if not args.core:
+        if not (args.core or args.steps_only):
             cases[f"{name}|logging step"] = lambda tr=tr: tr.train_step(collect=True)
         sections[name] = {k: [] for k in ("forward", "backward", "optimizer", "qk_clip")}
         cases[f"{name}|sections"] = lambda tr=tr, s=sections[name]: sectioned_step(tr, s)
-        if tr.spec.optim.qk_clip.enabled:
+        if tr.spec.optim.qk_clip.enabled and not args.steps_only:
             cases[f"{name}|no max-logit fwd+bwd"] = fwd_bwd(tr, track_max_logit=False)
             cases[f"{name}|fwd+bwd"] = fwd_bwd(tr, track_max_logit=True)
-        for part, fn in ({} if args.core else component_cases(tr)).items():
+        for part, fn in ({} if args.core or args.steps_only else component_cases(tr)).items():
             cases[f"{name}|component {part}"] = fn
     # each peak case times 3 matmuls (a warm-up and 2 repeats); the median round's rate stands for the peak
     times = interleaved(cases, rounds, warmup=1, sync=device_sync(device))

@@ -151,6 +151,12 @@ CASES: dict[str, tuple] = {
                     "F1-slow-gpu-throughput"),
     "F1 GPU 4000 tok/s": (with_(H, perf__tokens_per_sec=lambda i: 4000), spec_with(train__device="cuda"), FINISHED,
                           "F1-slow-gpu-throughput"),
+    "F1 bf16 emulated (AVX2)": (with_(H, run__precision_slowdown=lambda i: 200.0), spec_with(train__precision="bf16"),
+                                FINISHED, "F1-bf16-emulated"),
+    "F1 bf16 3x slower": (with_(H, run__precision_slowdown=lambda i: 3.0), spec_with(train__precision="bf16"),
+                          FINISHED, "F1-bf16-emulated"),
+    "F1 bf16 native: near-miss": (with_(H, run__precision_slowdown=lambda i: 0.25), spec_with(train__precision="bf16"),
+                                  FINISHED, "healthy"),
     "F2 checkpoint blocking": (with_(H, perf__checkpoint_fraction=lambda i: 0.3), "F2-checkpoint-blocking"),
     "F2 checkpoint 15%": (with_(H, perf__checkpoint_fraction=lambda i: 0.15), "F2-checkpoint-blocking"),
     # --- instability

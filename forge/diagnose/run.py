@@ -65,13 +65,21 @@ def run_status(run: RunDir) -> dict:
 
 
 def run_facts(run: RunDir, last_step: int) -> dict:
-    """Facts of the run directory itself, as a metrics record (F2: checkpoints that fail to verify)."""
+    """Facts of the run directory itself, as a metrics record: checkpoints that fail to verify (F2) and, where
+    the last launch recorded its precision (forge.train.precision), how much slower its matmuls ran than fp32
+    would have (F1: bf16 on a device that only emulates it)."""
     from forge.train import checkpoint as ckpt
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         invalid = sum(1 for p in ckpt.list_checkpoints(run.checkpoints) if ckpt.verify(p) is not None)
-    return {"step": last_step, "run/invalid_checkpoints": invalid}
+    facts = {"step": last_step, "run/invalid_checkpoints": invalid}
+    launches = run.launches(check=False)
+    precision = launches[-1].get("precision") if launches else None
+    if isinstance(precision, dict) and isinstance(precision.get("bf16_speedup"), (int, float)) \
+            and precision["bf16_speedup"] > 0:
+        facts["run/precision_slowdown"] = 1 / precision["bf16_speedup"] if precision.get("resolved") == "bf16" else 1.0
+    return facts
 
 
 def _monitor_rules(checklist: str) -> list[Rule]:

@@ -54,10 +54,9 @@ def new_run(cwd: Path, run_id: str, steps: int, *overrides: str) -> RunDir:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache) -> RunDir:
     """A finished 4-step run with checkpoints at 2 and 4; tests work on copies (copy_run)."""
-    import os
-
-    os.environ["FORGE_CACHE_DIR"] = str(cache)
-    return new_run(tmp_path_factory.mktemp("trained"), "r", 4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FORGE_CACHE_DIR", str(cache))
+        return new_run(tmp_path_factory.mktemp("trained"), "r", 4)
 
 
 def copy_run(run: RunDir, cwd: Path) -> RunDir:

@@ -56,12 +56,10 @@ def step_dir_name(step: int) -> str:
 def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write checkpoint `step` atomically. `model` is the module, or its weights as snapshot() returns them.
     Refuses non-finite tensors; a failed write leaves no temporary directory behind (CheckpointError)."""
-    weights = model if isinstance(model, dict) else None
-    bad = nonfinite_tensors(weights if weights is not None else model.state_dict(), "model.") + \
+    bad = nonfinite_tensors(model if isinstance(model, dict) else model.state_dict(), "model.") + \
         nonfinite_tensors(state, "state.")
     if bad:
-        raise CheckpointError(f"refusing to write checkpoint {step}: non-finite values in {', '.join(bad[:5])}"
-                              + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        raise CheckpointError(f"refusing to write checkpoint {step}: non-finite values in {listed(bad)}")
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     try:
@@ -116,6 +114,10 @@ def _free_space(root: Path) -> str:
             except OSError:
                 break
     return "free space unknown"
+
+
+def listed(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
@@ -232,9 +234,7 @@ def _content_problem(path: Path) -> str | None:
     except Exception as err:   # a weights_only refusal or a corrupt pickle
         return f"state.pt cannot be loaded safely ({type(err).__name__}: {err})"
     bad = nonfinite_tensors(weights, "model.") + nonfinite_tensors(state, "state.")
-    if bad:
-        return f"non-finite values in {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    return None
+    return f"non-finite values in {listed(bad)}" if bad else None
 
 
 def step_of(path: Path) -> int:

@@ -75,14 +75,13 @@ class NonFiniteWeights(ForgeError):
     pass
 
 
-def check_finite_weights(model, what: str = "the model") -> None:
-    """Refuse to evaluate (or sample from) weights holding NaN/inf: every number would be meaningless, and
+def check_finite_weights(model) -> None:
+    """Refuse to evaluate weights holding NaN/inf: every number would be meaningless, and the probes'
     sampling would fail on a NaN probability."""
     bad = ckpt.nonfinite_tensors(model.state_dict())
     if bad:
-        raise NonFiniteWeights(f"{what} has non-finite weights ({', '.join(bad[:3])}"
-                               f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); not evaluated. Resume "
-                               "from a checkpoint (each holds finite weights): forge train --resume RUN_ID")
+        raise NonFiniteWeights(f"the model has non-finite weights ({ckpt.listed(bad)}); not evaluated. Resume from a "
+                               "checkpoint (each holds finite weights): forge train --resume RUN_ID")
 
 
 def evaluate(model, data, device) -> dict[str, float]:

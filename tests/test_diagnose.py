@@ -296,8 +296,11 @@ def test_report_reads_nulls_and_a_bad_line(run_cli, tmp_path):
     (d / "checklist.json").write_text("{}")
     with open(d / "metrics.jsonl", "a") as f:
         f.write('{"step": 310, "valid/halt/share_step0": null, "valid/halt/share_step1": null}\nnot json\n')
+    with open(d / "warnings.jsonl", "a") as f:     # a torn warnings line too: the report reads past it
+        f.write('{"step": 30, "id": "C1-gate-entropy", "title": "t", "measured": "m"}\n{"step": 40, "id"\n')
     code, out, err = run_cli("report", "r1", cwd=tmp_path)
     assert code == 0, err
+    assert "C1-gate-entropy" in out
 
 
 def test_readme_metric_table_is_generated_from_the_catalogue():

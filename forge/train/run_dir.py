@@ -307,10 +307,10 @@ class RunDir:
             f.write(json.dumps(warning) + "\n")
 
     def warnings(self) -> list[dict[str, Any]]:
-        path = self.path / "warnings.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        """warnings.jsonl's records; unreadable lines are skipped (forge diagnose counts and shows them)."""
+        from forge.metrics.jsonl import read_objects
+
+        return read_objects(self.path / "warnings.jsonl").records
 
     def write(self, name: str, obj: Any) -> None:
         if isinstance(obj, str):

@@ -39,18 +39,18 @@ class Export:
 def write_export(run_path: Path, out: Path, step: int | None = None) -> Path:
     """Export checkpoint `step` (default: the newest valid one) of the run at `run_path` into `out`, which must
     not exist or be empty. Written into a temporary sibling and renamed: never half an export."""
-    import tomllib
-
     from safetensors.torch import save_model
 
     import forge
     from forge.probes.from_run import load_run_model
     from forge.train.checkpoint import chmod_like_open
+    from forge.train.run_dir import RunDir
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ForgeError(f"{out} exists and is not an empty directory; export into a new one")
     spec, model, tokenizer, used_step = load_run_model(run_path, step)
-    lineage = json.loads((run_path / "lineage.json").read_text(encoding="utf-8"))
+    run = RunDir(run_path)
+    lineage = run.read("lineage.json")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -76,8 +76,7 @@ def write_export(run_path: Path, out: Path, step: int | None = None) -> Path:
         "model_max_length": spec.data.seq_len, "add_bos_token": False, "add_eos_token": False,
         "clean_up_tokenization_spaces": False})
     (tmp / "spec.toml").write_text(spec_text, encoding="utf-8")
-    (tmp / "README.md").write_text(_model_card(run_path, spec, tomllib.loads(spec_text), config, used_step),
-                                   encoding="utf-8")
+    (tmp / "README.md").write_text(_model_card(run, spec, config, used_step), encoding="utf-8")
     if out.exists():
         out.rmdir()
     tmp.rename(out)
@@ -112,20 +111,19 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def _model_card(run_path: Path, spec, spec_dict: dict, config: dict, step: int) -> str:
+def _model_card(run, spec, config: dict, step: int) -> str:
     from forge.model.build import build_model, count_parameters
     from forge.report.criteria import RunRecord, success_criteria
-    from forge.train.run_dir import RunDir
 
     params = count_parameters(build_model(spec.model, spec.objective, device="meta"))["total"]
     rows = "\n".join(f"| {c.name} | {c.shown()} | {c.target} | {c.status} |"
-                     for c in success_criteria(RunRecord.load(RunDir(run_path))))
-    sources = ", ".join(s["name"] for s in spec_dict.get("data", {}).get("sources", []))
+                     for c in success_criteria(RunRecord.load(run)))
+    sources = ", ".join(s.name for s in spec.data.sources)
     return f"""---
 library_name: forge
 tags: [forge, {MODEL_TYPE}, titans-mag, trm, act]
 ---
-# {run_path.name} (step {step})
+# {run.run_id} (step {step})
 
 A {params / 1e6:.2f}M-parameter Phase 1 ("Cognate") language model trained by forge: a Titans-MAG backbone
 (causal sliding-window attention + a test-time-learning long-term memory, blended by a MAG gate), TRM
@@ -147,7 +145,7 @@ tok = PreTrainedTokenizerFast.from_pretrained("path/to/this/folder")   # eos and
 The weights also load with `safetensors.torch.load_file("model.safetensors")`; the LM head is tied to the
 token embedding, stored once as `tok_emb.weight` (metadata `tied_weights`).
 
-## Success criteria of the run (forge report {run_path.name})
+## Success criteria of the run (forge report {run.run_id})
 
 | criterion | measured | target | status |
 |---|---|---|---|

@@ -6,7 +6,7 @@ from typing import Any
 
 from forge.errors import ForgeError
 from forge.train.metrics_log import read_metrics
-from forge.train.run_dir import read_json
+from forge.train.run_dir import RunDir, read_json
 
 
 def _last(records: list[dict], key: str) -> float | None:
@@ -28,13 +28,12 @@ def _record(path: Path) -> dict | None:
 
 
 def _planned_steps(run: Path) -> int | None:
-    """train.max_steps of the run's resolved spec (read as TOML: no validation needed for one number)."""
-    import tomllib
-
+    """train.max_steps of the run's resolved spec (no validation needed for one number); None if unreadable."""
     try:
-        return tomllib.loads((run / "spec.toml").read_text(encoding="utf-8"))["train"]["max_steps"]
-    except (OSError, UnicodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        steps = RunDir(run).spec_data()["train"]["max_steps"]
+    except (ForgeError, KeyError, TypeError):
         return None
+    return steps if isinstance(steps, int) else None
 
 
 def list_runs(root: Path) -> list[dict[str, Any]]:

@@ -129,3 +129,176 @@ def test_gate_blends_the_normalised_paths_and_reports_entropy():
     value = binary_entropy(saturated)
     value.backward()
     assert value.item() < 1e-30 and torch.isfinite(saturated.grad).all()
+
+
+# ------------------------------------------------------------------------------------------ Titans variants
+from conftest import SPECS                                        # noqa: E402
+from forge.model import build_model, count_parameters             # noqa: E402
+from forge.model.decode import IncrementalDecoder                 # noqa: E402
+from forge.model.memory import MLPMemory, chunk_write             # noqa: E402
+from forge.spec.load import load_spec                             # noqa: E402
+
+SMALL = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=48",
+         "model.memory.d_mem=16", "model.memory.rank=4", "model.memory.chunk_size=8", "model.gate.hidden=16",
+         "model.trm.ffn_hidden=48", "model.attention.sw_window=8"]
+TITANS = ["model.memory.gates=data_dependent", "model.memory.conv_kernel=4", "model.memory.qkv_activation=silu"]
+MEMORY_VARIANTS = {
+    "linear": [],
+    "linear_titans": TITANS + ["model.memory.input_layer=1"],
+    "mlp": ["model.memory.variant=mlp"],
+    "mlp_titans": ["model.memory.variant=mlp", "model.memory.depth=3", "model.memory.input_layer=2"] + TITANS,
+}
+
+
+def variant_model(name: str, *overrides: str, seed: int = 0):
+    torch.manual_seed(seed)
+    spec = load_spec(SPECS / "tiny.toml", SMALL + MEMORY_VARIANTS[name] + list(overrides)).spec
+    model = build_model(spec.model, spec.objective)
+    with torch.no_grad():   # gates and convolution away from their initial values, so that their paths matter
+        for pname, p in model.memory.named_parameters():
+            if pname.endswith("_weight") and p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def mlp_weights(B: int, dims, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, a, b, generator=g) * a ** -0.5 for a, b in zip(dims, dims[1:])]
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_mlp_update_equals_the_autograd_gradient_of_the_associative_loss(depth):
+    """S_c = eta S - grad, W_c = alpha W + S for every weight; grad = autograd of (1/C) sum theta ||M(k) - v||^2."""
+    C, d, h = 5, 6, 12
+    dims = [d] + [h] * (depth - 1) + [d]
+    weights, surprise = mlp_weights(B, dims, 0), mlp_weights(B, dims, 1)
+    g = torch.Generator().manual_seed(2)
+    k = torch.nn.functional.normalize(torch.randn(B, C, d, generator=g), dim=-1)
+    v, theta = torch.randn(B, C, d, generator=g), torch.rand(B, C, 1, generator=g)
+    decay, momentum = torch.rand(B, 1, 1, generator=g), torch.rand(B, 1, 1, generator=g)
+    new_w, new_s, observed = chunk_write(MLPMemory, weights, surprise, k, v, theta, decay, momentum)
+
+    leaves = [w.clone().requires_grad_(True) for w in weights]
+    a = k
+    for i, w in enumerate(leaves):
+        a = a @ w if i == len(leaves) - 1 else torch.nn.functional.gelu(a @ w)
+    loss = (theta[..., 0] * (k + a - v).pow(2).sum(-1)).sum() / C
+    grads = torch.autograd.grad(loss, leaves)
+    for w, s, nw, ns, gr in zip(weights, surprise, new_w, new_s, grads):
+        torch.testing.assert_close(ns, momentum * s - gr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(nw, decay * w + momentum * s - gr, atol=1e-5, rtol=1e-5)
+    assert all(gr.abs().max() > 1e-3 for gr in grads)             # every layer learns
+    assert observed["update_norm"] > 0 and 0 < observed["retention"] < 2
+
+
+def test_mlp_with_zero_step_size_only_forgets():
+    weights = mlp_weights(B, [6, 12, 6], 0)
+    k = torch.nn.functional.normalize(torch.randn(B, 4, 6), dim=-1)
+    new_w, _, observed = chunk_write(MLPMemory, weights, [torch.zeros_like(w) for w in weights], k,
+                                     torch.randn(B, 4, 6), torch.zeros(B, 4, 1), 0.9, 0.5)
+    for w, nw in zip(weights, new_w):
+        torch.testing.assert_close(nw, 0.9 * w)
+    torch.testing.assert_close(observed["retention"], torch.tensor(0.9))
+
+
+@pytest.mark.parametrize("name", MEMORY_VARIANTS)
+def test_every_memory_variant_is_causal_at_every_position(name):
+    """Perturbing the input at p leaves every memory output before p exactly unchanged (0.0): the reads of a
+    chunk use the previous chunk's memory, the convolution looks back only, the gates act at the chunk's end."""
+    memory = variant_model(name).memory
+    h = torch.randn(B, 24, 32)
+    base, _ = memory(h)
+    for p in (3, 8, 13, 23):
+        h2 = h.clone()
+        h2[:, p] += torch.randn(B, 32)
+        out, _ = memory(h2)
+        assert (out[:, :p] - base[:, :p]).abs().max().item() == 0.0
+        if p < 16:
+            assert (out[:, 16:] - base[:, 16:]).abs().max() > 1e-4   # later chunks see it
+
+
+@pytest.mark.parametrize("name", MEMORY_VARIANTS)
+def test_every_memory_variant_starts_fresh_per_sequence_and_is_deterministic(name):
+    model = variant_model(name).eval()
+    idx = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        alone = model(idx).logits
+        paired = model(torch.cat([other, idx])).logits               # the same sequence in another slot
+        again = model(idx).logits                                    # a second batch after the first
+    torch.testing.assert_close(paired[1:], alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, alone)
+
+
+@pytest.mark.parametrize("name", MEMORY_VARIANTS)
+def test_the_gradient_reaches_every_memory_parameter(name):
+    """The outer loss differentiates through the inner updates: every memory weight (initial MLP weights,
+    gates, convolution, step size) gets a finite, non-zero gradient."""
+    model = variant_model(name).train()
+    idx = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    model(idx, torch.roll(idx, -1, 1)).loss.backward()
+    for pname, p in model.memory.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().max() > 0, pname
+
+
+@pytest.mark.parametrize("name", MEMORY_VARIANTS)
+def test_the_cached_decoder_reproduces_the_full_forward_for_every_memory_variant(name):
+    model = variant_model(name).eval()
+    idx = torch.randint(0, 64, (2, 37), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx, return_logits=True).logits
+    decoder = IncrementalDecoder(model, 2)
+    pieces = [decoder.step(idx[:, :11], halt=False)]                 # prefill across a chunk boundary
+    pieces += [decoder.step(idx[:, t:t + 1], halt=False) for t in range(11, 37)]
+    torch.testing.assert_close(torch.cat([p.logits for p in pieces], dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_parameter_count_of_the_mlp_memory():
+    linear = count_parameters(variant_model("linear"))["memory"]
+    model = variant_model("mlp_titans")
+    d, d_mem, h = 32, 16, 32                                         # expansion 2
+    projections = 4 * d * d_mem
+    want = projections + d_mem * h + h * h + h * d_mem + (d + 1) * 3 + 3 * d_mem * 4   # MLP, 3 gates, conv
+    assert count_parameters(model)["memory"] == want
+    assert linear == projections + 2 * d_mem * 4 + d + 1                # factorized rank 4, step size
+    meta = build_model(model.spec, model.objective, device="meta")
+    assert count_parameters(meta) == count_parameters(model)         # the budget check counts on meta
+
+
+def test_titans_options_start_as_the_linear_memory_they_extend():
+    """The convolution starts as the identity and the data-dependent gates at spec.momentum and spec.decay."""
+    torch.manual_seed(0)
+    plain = load_spec(SPECS / "tiny.toml", SMALL).spec
+    torch.manual_seed(0)
+    base = build_model(plain.model, plain.objective).memory
+    spec = load_spec(SPECS / "tiny.toml", SMALL + ["model.memory.gates=data_dependent",
+                                                   "model.memory.conv_kernel=3"]).spec
+    torch.manual_seed(0)
+    extended = build_model(spec.model, spec.objective).memory
+    h = torch.randn(B, 20, 32)
+    torch.testing.assert_close(extended(h)[0], base(h)[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp_titans"])
+def test_checkpoint_round_trip_of_a_titans_model(name, tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    model = variant_model(name).eval()
+    save_model(model, str(tmp_path / "model.safetensors"))
+    restored = variant_model(name, seed=5).eval()
+    assert load_model(restored, str(tmp_path / "model.safetensors")) == (set(), [])
+    idx = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(restored(idx).logits, model(idx).logits)
+
+
+def test_memory_spec_rejects_inconsistent_options():
+    from forge.errors import ForgeError
+
+    with pytest.raises(ForgeError, match="input_layer"):
+        load_spec(SPECS / "tiny.toml", SMALL + ["model.memory.input_layer=9"])
+    with pytest.raises(ForgeError, match="data_dependent"):
+        load_spec(SPECS / "tiny.toml", SMALL + ["model.memory.gates=data_dependent", "model.memory.decay=1.0"])
+    with pytest.raises(ForgeError, match="depth"):
+        load_spec(SPECS / "tiny.toml", SMALL + ["model.memory.variant=mlp", "model.memory.depth=1"])

@@ -6,7 +6,8 @@ the memory reads M_{c-1}), so the prefix's state can be kept:
   attention  K and V of every earlier position, per attention *call*: the backbone blocks and each of the
              t_max * (micro_steps + 1) applications of the TRM refiner (every application is its own layer of
              the unrolled network, with its own keys)
-  memory     M and S after the completed chunks, plus the k, v, theta of the chunk being filled
+  memory     its weights and surprise after the completed chunks, the inputs of the chunk being filled
+             and the convolution's context (NeuralMemory.init_state / step)
 
 A token costs ~11 block applications on the tiny model, each a handful of small matmuls: decoding is bound by
 per-operation overhead, not FLOPs. So the decoder runs the same math with fewer operations:
@@ -27,30 +28,18 @@ steps; halting chooses the output (and skips the LM head of the steps after it),
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from forge.model.backbone import Block
-from forge.model.memory import memory_update
 
 
 @dataclass
 class DecodeOutput:
     logits: torch.Tensor        # (B, n, V) of the new positions (the last only with last_only): halting step's or last
     used_steps: torch.Tensor    # (B, n) outer steps each new token used (1..t_max), likewise
-
-
-@dataclass
-class _MemoryState:
-    memory: torch.Tensor                 # M after the completed chunks (B, d, d)
-    surprise: torch.Tensor               # S after the completed chunks
-    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # k, v, theta
-
-    @property
-    def pending_len(self) -> int:
-        return sum(k.shape[1] for k, _, _ in self.pending)
 
 
 @dataclass
@@ -114,12 +103,7 @@ class IncrementalDecoder:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []   # per attention call: K and V (B, H, capacity, hd)
         self._slot = 0
         self._grow(capacity)
-        self._memory: _MemoryState | None = None
-        if model.spec.memory.enabled:
-            d_mem = model.spec.memory.d_mem
-            m0 = model.memory.initial_memory().detach()
-            self._memory = _MemoryState(m0.expand(batch_size, d_mem, d_mem).clone(),
-                                        m0.new_zeros(batch_size, d_mem, d_mem))
+        self._memory = model.memory.init_state(batch_size) if model.spec.memory.enabled else None
 
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
@@ -154,14 +138,14 @@ class IncrementalDecoder:
         else:
             lo, mask = 0, self._pattern.mask(end, idx.device, start=start)
 
-        h0 = model.tok_emb(idx)
-        y = h0
-        for block in model.blocks:
+        y = memory_input = model.tok_emb(idx)
+        for i, block in enumerate(model.blocks, 1):
             y = self._block(block, y, freqs, lo, end, mask)
+            memory_input = y if i == model.spec.memory.input_layer else memory_input
         if self._memory is None:
             x = model.backbone_norm(y)
         else:
-            x = model.gate(y, self._read_and_write_memory(h0, start))[0]
+            x = model.gate(y, self._read_and_write_memory(memory_input, start))[0]
 
         rows = slice(n - 1, n) if last_only else slice(None)
         m = 1 if last_only else n
@@ -238,20 +222,6 @@ class IncrementalDecoder:
         gate, up = torch.mm(_rms_scaled(x, w.eps), w.gate_up_t).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(gate) * up, w.down_t).view(B, n, d)              # x + ffn(...)
 
-    def _read_and_write_memory(self, h0: torch.Tensor, start: int) -> torch.Tensor:
-        """Memory path of the new positions: each reads M as of the end of the previous chunk; a chunk that
-        fills up is written (memory_update, the same math as memory_scan)."""
-        memory, state = self.model.memory, self._memory
-        q, k, v, theta = memory.project(h0)
-        chunk, reads, i, n = memory.chunk_size, [], 0, h0.shape[1]
-        while i < n:
-            take = min(n - i, chunk - state.pending_len)     # up to the end of the current chunk
-            reads.append(q[:, i:i + take] @ state.memory.transpose(1, 2))
-            state.pending.append((k[:, i:i + take], v[:, i:i + take], theta[:, i:i + take, None]))
-            if state.pending_len == chunk:
-                kc, vc, tc = (torch.cat(parts, dim=1) for parts in zip(*state.pending))
-                state.memory, state.surprise, _ = memory_update(state.memory, state.surprise, kc, vc, tc,
-                                                                memory.decay, memory.momentum)
-                state.pending = []
-            i += take
-        return memory.o_proj(reads[0] if len(reads) == 1 else torch.cat(reads, dim=1))
+    def _read_and_write_memory(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Memory path of the new positions (NeuralMemory.step: the same math as its forward)."""
+        return self.model.memory.step(self._memory, h)

@@ -78,6 +78,8 @@ class CognateModel(nn.Module):
         for p in self.parameters():          # every matrix (and the embedding) ~ N(0, init_std)
             if p.dim() == 2:
                 nn.init.normal_(p, mean=0.0, std=spec.init_std)
+        if spec.memory.enabled:
+            self.memory.reset_memory_init()  # the MLP memory's own init (forge/model/memory.py)
 
     @property
     def _global_batch(self) -> bool:
@@ -97,13 +99,13 @@ class CognateModel(nn.Module):
 
     def encode(self, idx: torch.Tensor, rope: RopeTables):
         """Backbone: tokens (B, T) -> x (B, T, d), its metrics, and the gate entropy (None without memory)."""
-        h0 = self.tok_emb(idx)
-        y = h0
-        for block in self.blocks:
+        y = memory_input = self.tok_emb(idx)
+        for i, block in enumerate(self.blocks, 1):
             y = run_checkpointed(block, y, rope) if self.checkpoint_blocks else block(y, rope)
+            memory_input = y if i == self.spec.memory.input_layer else memory_input
         if not self.spec.memory.enabled:
             return self.backbone_norm(y), {}, None
-        m, metrics = self.memory(h0)             # the memory reads the input, in parallel with attention
+        m, metrics = self.memory(memory_input)   # after memory.input_layer blocks, in parallel with attention
         x, g, gate_entropy = self.gate(y, m)
         usage = g.detach().mean()
         metrics.update({"gate/entropy": gate_entropy.detach(), "gate/y_usage": usage, "gate/m_usage": 1 - usage})

@@ -38,11 +38,36 @@ class MemorySpec(Section):
     rank: PositiveInt = Field(description="Rank of the factorized memory (ignored when factorized = false).")
     chunk_size: PositiveInt = Field(description="Tokens per memory update; reads of a chunk use the memory as of the "
                                                 "end of the previous chunk (causal).")
+    variant: Literal["linear", "mlp"] = Field("linear", description=(
+        "linear: M is one d_mem x d_mem matrix (M0 factorized or full). mlp: Titans' deep memory M(x) = x + "
+        "W_L gelu(... gelu(W_1 x)) with `depth` layers, learned initial weights ~ N(0, 1/fan_in), updated per "
+        "chunk by the gradient of the associative loss through the MLP (factorized and rank are ignored)."))
+    depth: int = Field(2, ge=2, description="Layers L_M of the mlp memory (variant = \"mlp\").")
+    expansion: PositiveInt = Field(2, description="Hidden width of the mlp memory = expansion * d_mem.")
+    gates: Literal["fixed", "data_dependent"] = Field("fixed", description=(
+        "fixed: momentum and decay as given. data_dependent: per chunk eta_c = sigmoid(w . mean(u) + b) and "
+        "alpha_c likewise, from the chunk's normalised inputs u (learned 1-D projections, initialised so that "
+        "eta = momentum and alpha = decay)."))
+    conv_kernel: int = Field(0, ge=0, description="Width of the depthwise causal 1-D convolution over time after the "
+                                                  "q, k, v projections (identity at init); 0 = none.")
+    qkv_activation: Literal["identity", "silu"] = Field("identity", description=(
+        "Activation on q, k, v after the projections (and convolution), before q and k are L2-normalised; "
+        "Titans uses silu."))
+    input_layer: int = Field(0, ge=0, description=(
+        "The memory reads the residual stream after this many backbone blocks: 0 = the token embeddings, "
+        "n_layers = the attention path's output (must be <= model.n_layers)."))
 
     @model_validator(mode="after")
     def check_rank(self) -> "MemorySpec":
-        if self.factorized and self.rank > self.d_mem:
+        if self.factorized and self.rank > self.d_mem and self.variant == "linear":
             raise ValueError(f"rank ({self.rank}) must be <= d_mem ({self.d_mem}) when factorized = true")
+        return self
+
+    @model_validator(mode="after")
+    def check_gates(self) -> "MemorySpec":
+        if self.gates == "data_dependent" and not (0 < self.momentum < 1 and self.decay < 1):
+            raise ValueError(f"gates = \"data_dependent\" starts at sigmoid(b) = momentum, decay: both must lie in "
+                             f"(0, 1) (momentum = {self.momentum}, decay = {self.decay})")
         return self
 
 
@@ -112,4 +137,10 @@ class ModelSpec(Section):
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        return self
+
+    @model_validator(mode="after")
+    def check_memory_input(self) -> "ModelSpec":
+        if self.memory.input_layer > self.n_layers:
+            raise ValueError(f"memory.input_layer ({self.memory.input_layer}) must be <= n_layers ({self.n_layers})")
         return self

@@ -302,3 +302,19 @@ def test_memory_spec_rejects_inconsistent_options():
         load_spec(SPECS / "tiny.toml", SMALL + ["model.memory.gates=data_dependent", "model.memory.decay=1.0"])
     with pytest.raises(ForgeError, match="depth"):
         load_spec(SPECS / "tiny.toml", SMALL + ["model.memory.variant=mlp", "model.memory.depth=1"])
+
+
+def test_memory_metrics_are_declared_and_computed_for_every_variant():
+    from forge.metrics.catalogue import load_catalogue
+
+    catalogue = load_catalogue()
+    h = torch.randn(B, 24, 32)
+    for name in MEMORY_VARIANTS:
+        _, metrics = variant_model(name).memory(h)
+        data_dependent = "model.memory.gates=data_dependent" in MEMORY_VARIANTS[name]
+        extra = {"memory/momentum", "memory/forget_gate"} if data_dependent else set()
+        assert set(metrics) == {"memory/update_norm", "memory/effective_decay", "memory/step_size"} | extra
+        assert all(catalogue.entry(k) is not None and torch.isfinite(v) for k, v in metrics.items())
+        assert 0 < metrics["memory/effective_decay"] < 1.5 and metrics["memory/update_norm"] > 0
+        if data_dependent:
+            assert 0 < metrics["memory/momentum"] < 1 and 0 < metrics["memory/forget_gate"] < 1

@@ -28,9 +28,15 @@ def model_flops_per_token(spec: ModelSpec, seq_len: int) -> dict[str, float]:
     fwd = {"backbone": spec.n_layers * block(spec.ffn_hidden), "attention": spec.n_layers * 2 * 2 * keys * d,
            "memory": 0.0, "gate": 0.0, "trm": 0.0, "lm_head": 2 * d * spec.vocab_size}
     if spec.memory.enabled:
-        m = spec.memory.d_mem
+        mem = spec.memory
+        m = mem.d_mem
         # q, k, v, out projections; per token the scan reads M q, recalls M k and adds its k outer product
         fwd["memory"] = 2 * 4 * d * m + 3 * 2 * m * m
+        if mem.variant == "mlp":   # read, recall, the weight gradients, the error backpropagated below layer L..2
+            dims = [m] + [mem.expansion * m] * (mem.depth - 1) + [m]
+            weights = sum(a * b for a, b in zip(dims, dims[1:]))
+            fwd["memory"] = 2 * 4 * d * m + 3 * 2 * weights + 2 * (weights - dims[0] * dims[1])
+        fwd["memory"] += 2 * 3 * m * mem.conv_kernel + (2 * 2 * d if mem.gates == "data_dependent" else 0)
         fwd["gate"] = 2 * (2 * d * spec.gate.hidden + spec.gate.hidden * d)
     if spec.trm.enabled:
         calls = spec.trm.t_max * (spec.trm.micro_steps + 1) * spec.trm.n_layers   # the refiner's blocks run

@@ -46,6 +46,7 @@ Metrics (one value per forward, the mean over the chunk updates and the batch):
                          chunk's keys): alpha_c alone when nothing is written. For the linear memory this is
                          ||M (alpha I - step sum theta k k^T)|| / ||M||.
   memory/step_size       mean theta.
+  memory/momentum, memory/forget_gate   mean eta_c and alpha_c (data-dependent gates only).
 """
 from __future__ import annotations
 
@@ -288,6 +289,8 @@ class NeuralMemory(nn.Module):
         metrics = {"memory/update_norm": observed["update_norm"].mean(),
                    "memory/effective_decay": observed["retention"].mean(),
                    "memory/step_size": theta.detach().mean()}
+        if gate_logits is not None:
+            metrics["memory/momentum"], metrics["memory/forget_gate"] = momentum.detach().mean(), decay.detach().mean()
         return self.o_proj(reads), metrics
 
     # ------------------------------------------------------------------------------------------ incremental

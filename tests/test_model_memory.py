@@ -318,3 +318,22 @@ def test_memory_metrics_are_declared_and_computed_for_every_variant():
         assert 0 < metrics["memory/effective_decay"] < 1.5 and metrics["memory/update_norm"] > 0
         if data_dependent:
             assert 0 < metrics["memory/momentum"] < 1 and 0 < metrics["memory/forget_gate"] < 1
+
+
+def test_analytic_flops_of_the_mlp_memory_match_torch_counter():
+    import sys
+
+    from conftest import REPO
+    from forge.model.flops import model_flops_per_token
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_roofline import counted_flops_per_token
+
+    spec = load_spec(SPECS / "tiny.toml", ["model.memory.variant=mlp", "model.memory.gates=data_dependent"]).spec
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.objective)
+    analytic = model_flops_per_token(spec.model, 64)
+    counted = counted_flops_per_token(model, 64, 1, spec.model.vocab_size, track_max_logit=False)
+    assert counted == pytest.approx(analytic["total"] - analytic["attention"], rel=5e-3)
+    linear = load_spec(SPECS / "tiny.toml").spec
+    assert analytic["memory"] > 1.5 * model_flops_per_token(linear.model, 64)["memory"]

@@ -12,18 +12,30 @@ A token costs ~11 block applications on the tiny model, each a handful of small 
 per-operation overhead, not FLOPs. So the decoder runs the same math with fewer operations:
   - each block's q, k, v projections are one matmul (their weights concatenated once), as are the FFN's gate
     and up projections; the residual adds ride in the output matmuls (addmm);
+  - RMSNorm is one dot product per row and a scale of the next matmul's output: norm(x) * g @ W^T =
+    (x @ (g W^T sqrt(d))) * rsqrt(x . x + d eps), the gain and sqrt(d) folded into the weight once;
   - RoPE is one complex multiplication of q and k together: the q and k rows of every head are permuted once
     so that the pairs (i, i + head_dim / 2) that RoPE rotates together sit side by side (q . k is unchanged
     under a permutation applied to both, and the cached keys are kept in that order);
-  - keys and values go into preallocated caches (no concatenation per token), and a single new token with a
-    sliding window attends to the window's slice of the cache, without a mask;
+  - keys and values go into caches preallocated for every attention call (no concatenation per token), and a
+    single new token with a sliding window attends to the window's slice of the cache, without a mask;
   - the LM head runs only where logits are used: the positions asked for (the last one when sampling), and
-    per outer step only for the tokens that halt there (ACT halting) or at the last step (full depth).
+    per outer step only for the tokens that halt there (ACT halting) or at the last step (full depth); once
+    every output is chosen, the halting head is not evaluated again.
 The logits equal those of model(whole sequence) at the same positions to float rounding (tested to 1e-4).
 
 ACT halting at inference: a token's output is the logits of its first confident step (as forward(halt=True)).
-Every step is still computed for every token, because later tokens attend to this token's states at deeper
-steps; halting chooses the output (and skips the LM head of the steps after it), not the refiner's work.
+By default every step is still computed for every token, because later tokens attend to this token's states
+at deeper steps: halting chooses the output, not the refiner's work, and the tokens equal the full model's.
+
+skip_halted=True (an approximation of the full model, not its output): a token that halts at outer step t is
+frozen there. Its queries and feed-forward are not run at the later steps t' > t, and wherever a later token
+attends to it in refiner application s of step t' (s = 0 .. micro_steps, the same attention call of another
+outer step), it reads the keys and values it had in application s of step t, its last computed ones. The new
+token of a decoding step stops when it (every row of the batch) has halted: the steps after it are skipped and
+their caches receive its frozen keys and values. In a prefill of several tokens every token is still
+computed (rows of one sequence attend to each other), with the halted tokens' keys and values frozen as above,
+so the prefill gives what the frozen model gives, without the saving.
 """
 from __future__ import annotations
 
@@ -40,6 +52,7 @@ from forge.model.memory import memory_update
 class DecodeOutput:
     logits: torch.Tensor        # (B, n, V) of the new positions (the last only with last_only): halting step's or last
     used_steps: torch.Tensor    # (B, n) outer steps each new token used (1..t_max), likewise
+    steps_run: int              # outer steps computed for the new tokens (t_max unless skip_halted stopped early)
 
 
 @dataclass
@@ -56,13 +69,13 @@ class _MemoryState:
 @dataclass
 class _BlockWeights:
     """One block's weights laid out for decoding (see the module docstring): transposed and contiguous (a
-    (rows x d) @ (d x out) matmul of a few rows is the fast layout here), each RMSNorm's gain folded into the
-    matmul after it (norm(x) * g @ W^T = (x * s) @ (g W^T))."""
+    (rows x d) @ (d x out) matmul of a few rows is the fast layout here), each RMSNorm's gain and sqrt(d)
+    folded into the matmul after it."""
     qkv_t: torch.Tensor          # (d, 3d): q and k columns in RoPE-pair order per head, then v
     o_t: torch.Tensor            # (d, d)
     gate_up_t: torch.Tensor      # (d, 2 * hidden)
     down_t: torch.Tensor         # (hidden, d)
-    eps: float
+    d_eps: float                 # d * eps: the RMSNorm epsilon on the sum of squares
 
 
 def _pair_order(n_heads: int, head_dim: int, device) -> torch.Tensor:
@@ -79,27 +92,27 @@ def _block_weights(block: Block) -> _BlockWeights:
     gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
     return _BlockWeights(_fold(block.attn_norm.weight, qkv), attn.o_proj.weight.T.contiguous(),
                          _fold(block.ffn_norm.weight, gate_up), ffn.down_proj.weight.T.contiguous(),
-                         block.attn_norm.eps)
+                         qkv.shape[1] * block.attn_norm.eps)
 
 
 def _fold(gain: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(gain * x) @ weight^T = x @ (gain[:, None] * weight^T)."""
-    return (gain[:, None] * weight.T).contiguous()
+    """norm(x) * gain @ weight^T = (x @ (gain[:, None] * weight^T * sqrt(d))) * _inv_rms(x)."""
+    return (gain[:, None] * weight.T * gain.shape[0] ** 0.5).contiguous()
 
 
-def _rms_scaled(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) without the gain (folded into the next matmul): for a few rows, one
-    reduction and in-place scalar work are cheaper than F.rms_norm's composite."""
-    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+def _inv_rms(x: torch.Tensor, d_eps: float) -> torch.Tensor:
+    """(N, d) -> (N, 1): 1 / sqrt(x . x + d eps) = 1 / (sqrt(d) rms(x)); the sqrt(d) is in the folded weight."""
+    return torch.linalg.vecdot(x, x).unsqueeze_(1).add_(d_eps).rsqrt_()
 
 
 class IncrementalDecoder:
     """Feed a batch of sequences piece by piece: step(prompt) first (the prefill), then one token at a time.
-    The logits equal those of model(whole sequence) at the same positions (tested to 1e-4)."""
+    The logits equal those of model(whole sequence) at the same positions (tested to 1e-4); with
+    skip_halted=True those of the frozen-halting approximation (module docstring)."""
 
-    def __init__(self, model, batch_size: int, capacity: int = 256):
+    def __init__(self, model, batch_size: int, capacity: int = 256, skip_halted: bool = False):
         """capacity: positions the caches hold before they grow (doubling)."""
-        self.model, self.batch_size = model, batch_size
+        self.model, self.batch_size, self.skip_halted = model, batch_size, skip_halted
         self.length = 0
         pattern = model.blocks[0].attn.pattern
         self._pattern = pattern
@@ -109,9 +122,18 @@ class IncrementalDecoder:
         with torch.no_grad():
             self._weights = {id(b): _block_weights(b) for b in model.modules() if isinstance(b, Block)}
             self._head_t = _fold(model.head_norm.weight, model.tok_emb.weight)   # the tied LM head, (d, V)
+        d = model.tok_emb.weight.shape[1]
+        self._head_d_eps = d * model.head_norm.eps
+        trm = model.trm
+        # attention calls: one per backbone block, one per refiner block and application
+        self._per_step = 0 if trm is None else (trm.micro_steps + 1) * len(trm.net.blocks)
+        self._n_calls = len(model.blocks) + (0 if trm is None else trm.t_max * self._per_step)
+        self._frozen: torch.Tensor | None = None    # (B, n): new tokens halted at an earlier step (skip_halted)
         self._capacity = 0
         self._rope: torch.Tensor | None = None          # (capacity, head_dim / 2) complex
-        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []   # per attention call: K and V (B, H, capacity, hd)
+        shape = (batch_size, self._heads, 0, self._head_dim)
+        weight = model.tok_emb.weight
+        self._kv = [(weight.new_empty(shape), weight.new_empty(shape)) for _ in range(self._n_calls)]
         self._slot = 0
         self._grow(capacity)
         self._memory: _MemoryState | None = None
@@ -146,7 +168,7 @@ class IncrementalDecoder:
         B, n = idx.shape
         start, end = self.length, self.length + n
         self._grow(end)
-        self._slot = 0
+        self._slot, self._frozen = 0, None
         freqs = self._rope[start:end, None, None, :]                 # (n, 1, 1, hd/2), broadcast over q|k, heads
         if n == 1 and self._slice_window != -1:                     # keys: a slice of the cache, no mask
             lo = 0 if self._slice_window is None else max(0, end - self._slice_window)
@@ -165,35 +187,59 @@ class IncrementalDecoder:
 
         rows = slice(n - 1, n) if last_only else slice(None)
         m = 1 if last_only else n
-        last = model.n_steps - 1
-        used = torch.full((B, m), last, dtype=torch.long, device=idx.device)
-        halted = torch.zeros(B, m, dtype=torch.bool, device=idx.device)
-        out = None
+        N, last = B * m, model.n_steps - 1
+        decide = halt and model.trm is not None        # the halting head chooses each token's step
+        skip = decide and self.skip_halted
+        act, thresh = (model.trm.act, model.spec.act.halt_thresh) if decide else (None, None)
+        out = used = halted = None          # logits (N, V), used step (N,), output chosen (N,)
+        n_chosen, t = 0, 0
         for t, (y_t, z_t) in enumerate(self._outer_steps(x, freqs, lo, end, mask)):
-            y_t = y_t[:, rows].reshape(B * m, -1)
-            if z_t is None or not halt:
+            if not decide:
                 if t == last:
-                    out = self._lm_head(y_t)
+                    out = self._lm_head(y_t[:, rows].reshape(N, -1))
                 continue
-            stop = (torch.sigmoid(model.trm.act(z_t[:, rows])) > model.spec.act.halt_thresh) | (t == last)
-            newly = stop & ~halted
-            chosen = newly.flatten().nonzero().squeeze(1)          # only these tokens need step t's logits
-            every = len(chosen) == B * m                          # every token halts here (or it is the last)
+            if n_chosen == N and not skip:      # every output chosen: later steps run for the caches only
+                continue
+            z = z_t if skip else z_t[:, rows]
+            stop = torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > thresh
+            if t == last:
+                stop.fill_(True)
+            if skip:                            # halted (B, n) so far: frozen from the next step on
+                self._frozen = stop.view(B, n) if self._frozen is None else self._frozen | stop.view(B, n)
+                stop = self._frozen[:, rows].reshape(N)
+            newly = stop if halted is None else stop & ~halted
+            chosen = newly.nonzero().squeeze(1)                  # only these tokens need step t's logits
             if len(chosen):
-                logits = self._lm_head(y_t if every else y_t[chosen])
-                if out is None and every:
+                y_rows = y_t[:, rows].reshape(N, -1)
+                logits = self._lm_head(y_rows if len(chosen) == N else y_rows[chosen])
+                if len(chosen) == N:
                     out = logits
                 else:
-                    out = logits.new_empty(B * m, logits.shape[-1]) if out is None else out
+                    out = logits.new_empty(N, logits.shape[-1]) if out is None else out
                     out.index_copy_(0, chosen, logits)
-            used = torch.where(newly, t, used)
-            halted |= newly
+                n_chosen += len(chosen)
+            used = torch.where(newly, t, -1) if used is None else torch.where(newly, t, used)
+            halted = newly if halted is None else halted | newly
+            if skip and t < last and (n_chosen == N if m == n else bool(self._frozen.all())):
+                self._freeze_later_steps(t, end - n, end)
+                break
+        if used is None:
+            used = torch.full((N,), last, dtype=torch.long, device=idx.device)
         self.length = end
-        return DecodeOutput(out.view(B, m, -1), used + 1)
+        return DecodeOutput(out.view(B, m, -1), used.view(B, m) + 1, t + 1)
 
     def _lm_head(self, y: torch.Tensor) -> torch.Tensor:
         """model.lm_head of rows y (N, d), with the transposed weight."""
-        return torch.mm(_rms_scaled(y, self.model.head_norm.eps), self._head_t)
+        return torch.mm(y, self._head_t).mul_(_inv_rms(y, self._head_d_eps))
+
+    def _freeze_later_steps(self, t: int, start: int, end: int) -> None:
+        """Every new token halted by outer step t: the caches of the later steps' attention calls get, at the
+        new positions, the keys and values of the same call in step t (skip_halted's frozen tokens)."""
+        first = len(self.model.blocks) + t * self._per_step
+        for slot in range(first + self._per_step, self._n_calls):
+            (k_to, v_to), (k_from, v_from) = self._kv[slot], self._kv[first + (slot - first) % self._per_step]
+            k_to[:, :, start:end] = k_from[:, :, start:end]
+            v_to[:, :, start:end] = v_from[:, :, start:end]
 
     # ------------------------------------------------------------------------------------------ pieces
     def _outer_steps(self, x, freqs, lo, end, mask):
@@ -213,30 +259,33 @@ class IncrementalDecoder:
         net = self.model.trm.net
         for block in net.blocks:
             u = self._block(block, u, freqs, lo, end, mask)
-        return _rms_scaled(u, net.norm.eps) * net.norm.weight
+        return F.rms_norm(u, u.shape[-1:], net.norm.weight, net.norm.eps)
 
     def _block(self, block: Block, x: torch.Tensor, freqs, lo: int, end: int, mask) -> torch.Tensor:
-        """x (B, n, d) -> the block's output at the new positions; appends its K, V to this call's cache."""
+        """x (B, n, d) -> the block's output at the new positions; writes its K, V into this call's cache."""
         w = self._weights[id(block)]
         B, n, d = x.shape
         H, hd = self._heads, self._head_dim
         x = x.view(B * n, d)
-        qkv = torch.mm(_rms_scaled(x, w.eps), w.qkv_t).view(B, n, 3, H, hd)
-        qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (hd // 2, 2)))   # (B, n, 2, H, hd/2)
-        qk = torch.view_as_real(qk * freqs).flatten(-2)                           # rotated, pair order
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        qkv = torch.mm(x, w.qkv_t).mul_(_inv_rms(x, w.d_eps))
+        qk = torch.view_as_complex(qkv[:, :2 * d].view(B, n, 2, H, hd // 2, 2))
+        qk = torch.view_as_real(qk * freqs).view(B, n, 2, H, hd)                 # rotated, pair order
+        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)                  # (B, H, n, hd)
+        v = qkv[:, 2 * d:].view(B, n, H, hd).transpose(1, 2)
         slot, self._slot = self._slot, self._slot + 1
-        if slot == len(self._kv):
-            shape = (B, H, self._capacity, hd)
-            self._kv.append((x.new_empty(shape), x.new_empty(shape)))
         k_cache, v_cache = self._kv[slot]
+        if self._frozen is not None:          # skip_halted: halted tokens keep the keys of the previous step's call
+            k_prev, v_prev = self._kv[slot - self._per_step]
+            keep = self._frozen.view(B, 1, n, 1)
+            k = torch.where(keep, k_prev.narrow(2, end - n, n), k)
+            v = torch.where(keep, v_prev.narrow(2, end - n, n), v)
         k_cache.narrow(2, end - n, n).copy_(k)
         v_cache.narrow(2, end - n, n).copy_(v)
         att = F.scaled_dot_product_attention(q, k_cache.narrow(2, lo, end - lo), v_cache.narrow(2, lo, end - lo),
                                              attn_mask=mask)
         x = torch.addmm(x, att.transpose(1, 2).reshape(B * n, d), w.o_t)                    # x + o_proj(att)
-        gate, up = torch.mm(_rms_scaled(x, w.eps), w.gate_up_t).chunk(2, dim=-1)
-        return torch.addmm(x, F.silu(gate) * up, w.down_t).view(B, n, d)              # x + ffn(...)
+        gate, up = torch.mm(x, w.gate_up_t).mul_(_inv_rms(x, w.d_eps)).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate).mul_(up), w.down_t).view(B, n, d)          # x + ffn(...)
 
     def _read_and_write_memory(self, h0: torch.Tensor, start: int) -> torch.Tensor:
         """Memory path of the new positions: each reads M as of the end of the previous chunk; a chunk that

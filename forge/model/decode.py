@@ -75,7 +75,8 @@ class _BlockWeights:
     o_t: torch.Tensor            # (d, d)
     gate_up_t: torch.Tensor      # (d, 2 * hidden)
     down_t: torch.Tensor         # (hidden, d)
-    d_eps: float                 # d * eps: the RMSNorm epsilon on the sum of squares
+    d_eps: torch.Tensor          # d * eps, the RMSNorm epsilon on the sum of squares (a tensor: a Python float
+                                 # operand costs a conversion per operation)
 
 
 def _pair_order(n_heads: int, head_dim: int, device) -> torch.Tensor:
@@ -92,7 +93,7 @@ def _block_weights(block: Block) -> _BlockWeights:
     gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
     return _BlockWeights(_fold(block.attn_norm.weight, qkv), attn.o_proj.weight.T.contiguous(),
                          _fold(block.ffn_norm.weight, gate_up), ffn.down_proj.weight.T.contiguous(),
-                         qkv.shape[1] * block.attn_norm.eps)
+                         _d_eps(block.attn_norm, qkv))
 
 
 def _fold(gain: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -100,9 +101,14 @@ def _fold(gain: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (gain[:, None] * weight.T * gain.shape[0] ** 0.5).contiguous()
 
 
-def _inv_rms(x: torch.Tensor, d_eps: float) -> torch.Tensor:
+def _d_eps(norm, like: torch.Tensor) -> torch.Tensor:
+    return like.new_tensor(norm.weight.shape[0] * norm.eps)
+
+
+def _inv_rms(x: torch.Tensor, d_eps: torch.Tensor) -> torch.Tensor:
     """(N, d) -> (N, 1): 1 / sqrt(x . x + d eps) = 1 / (sqrt(d) rms(x)); the sqrt(d) is in the folded weight."""
-    return torch.linalg.vecdot(x, x).unsqueeze_(1).add_(d_eps).rsqrt_()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.addcmul(d_eps, norm, norm).rsqrt_()
 
 
 class IncrementalDecoder:
@@ -122,18 +128,24 @@ class IncrementalDecoder:
         with torch.no_grad():
             self._weights = {id(b): _block_weights(b) for b in model.modules() if isinstance(b, Block)}
             self._head_t = _fold(model.head_norm.weight, model.tok_emb.weight)   # the tied LM head, (d, V)
-        d = model.tok_emb.weight.shape[1]
-        self._head_d_eps = d * model.head_norm.eps
+            self._head_d_eps = _d_eps(model.head_norm, self._head_t)
+            if model.trm is not None:   # the refiner's closing RMSNorm: its gain times sqrt(d), and d eps
+                norm = model.trm.net.norm
+                self._refiner_gain = norm.weight * norm.weight.shape[0] ** 0.5
+                self._refiner_d_eps = _d_eps(norm, self._head_t)
+                self._halt_thresh = self._head_t.new_tensor(model.spec.act.halt_thresh)
         trm = model.trm
         # attention calls: one per backbone block, one per refiner block and application
         self._per_step = 0 if trm is None else (trm.micro_steps + 1) * len(trm.net.blocks)
         self._n_calls = len(model.blocks) + (0 if trm is None else trm.t_max * self._per_step)
         self._frozen: torch.Tensor | None = None    # (B, n): new tokens halted at an earlier step (skip_halted)
         self._capacity = 0
-        self._rope: torch.Tensor | None = None          # (capacity, head_dim / 2) complex
-        shape = (batch_size, self._heads, 0, self._head_dim)
-        weight = model.tok_emb.weight
-        self._kv = [(weight.new_empty(shape), weight.new_empty(shape)) for _ in range(self._n_calls)]
+        # RoPE's rotations of q, k and 1 for v, (3, 1, capacity, head_dim / 2) complex: q, k and v rotate as one
+        # complex product, exact for v ((a + bi)(1 + 0i) = a + bi in floating point)
+        self._rope: torch.Tensor | None = None
+        # per attention call: K and V in one tensor (B, 2, H, capacity, head_dim), written by one copy per token
+        shape = (batch_size, 2, self._heads, 0, self._head_dim)
+        self._kv = [model.tok_emb.weight.new_empty(shape) for _ in range(self._n_calls)]
         self._slot = 0
         self._grow(capacity)
         self._memory: _MemoryState | None = None
@@ -150,13 +162,13 @@ class IncrementalDecoder:
         device = self.model.tok_emb.weight.device
         cos, sin = self.model.rope(capacity, device)       # the model's own tables: the same angles
         half = self._head_dim // 2
-        self._rope = torch.complex(cos[:, :half], sin[:, :half])
+        rotation = torch.complex(cos[:, :half], sin[:, :half])
+        self._rope = torch.stack([rotation, rotation, torch.ones_like(rotation)])[:, None]
         grown = []
-        for k, v in self._kv:
-            shape = (*k.shape[:2], capacity, k.shape[-1])
-            k2, v2 = k.new_empty(shape), v.new_empty(shape)
-            k2[:, :, :self.length], v2[:, :, :self.length] = k[:, :, :self.length], v[:, :, :self.length]
-            grown.append((k2, v2))
+        for kv in self._kv:
+            kv2 = kv.new_empty((*kv.shape[:3], capacity, kv.shape[-1]))
+            kv2[:, :, :, :self.length] = kv[:, :, :, :self.length]
+            grown.append(kv2)
         self._kv = grown
         self._capacity = capacity
 
@@ -169,7 +181,7 @@ class IncrementalDecoder:
         start, end = self.length, self.length + n
         self._grow(end)
         self._slot, self._frozen = 0, None
-        freqs = self._rope[start:end, None, None, :]                 # (n, 1, 1, hd/2), broadcast over q|k, heads
+        freqs = self._rope[:, :, start:end]                # (3, 1, n, hd/2), broadcast over batch and heads
         if n == 1 and self._slice_window != -1:                     # keys: a slice of the cache, no mask
             lo = 0 if self._slice_window is None else max(0, end - self._slice_window)
             mask = None
@@ -190,7 +202,7 @@ class IncrementalDecoder:
         N, last = B * m, model.n_steps - 1
         decide = halt and model.trm is not None        # the halting head chooses each token's step
         skip = decide and self.skip_halted
-        act, thresh = (model.trm.act, model.spec.act.halt_thresh) if decide else (None, None)
+        act, thresh_t = (model.trm.act, self._halt_thresh) if decide else (None, None)
         out = used = halted = None          # logits (N, V), used step (N,), output chosen (N,)
         n_chosen, t = 0, 0
         for t, (y_t, z_t) in enumerate(self._outer_steps(x, freqs, lo, end, mask)):
@@ -201,7 +213,7 @@ class IncrementalDecoder:
             if n_chosen == N and not skip:      # every output chosen: later steps run for the caches only
                 continue
             z = z_t if skip else z_t[:, rows]
-            stop = torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > thresh
+            stop = torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > thresh_t
             if t == last:
                 stop.fill_(True)
             if skip:                            # halted (B, n) so far: frozen from the next step on
@@ -237,9 +249,7 @@ class IncrementalDecoder:
         new positions, the keys and values of the same call in step t (skip_halted's frozen tokens)."""
         first = len(self.model.blocks) + t * self._per_step
         for slot in range(first + self._per_step, self._n_calls):
-            (k_to, v_to), (k_from, v_from) = self._kv[slot], self._kv[first + (slot - first) % self._per_step]
-            k_to[:, :, start:end] = k_from[:, :, start:end]
-            v_to[:, :, start:end] = v_from[:, :, start:end]
+            self._kv[slot][:, :, :, start:end] = self._kv[first + (slot - first) % self._per_step][:, :, :, start:end]
 
     # ------------------------------------------------------------------------------------------ pieces
     def _outer_steps(self, x, freqs, lo, end, mask):
@@ -259,7 +269,8 @@ class IncrementalDecoder:
         net = self.model.trm.net
         for block in net.blocks:
             u = self._block(block, u, freqs, lo, end, mask)
-        return F.rms_norm(u, u.shape[-1:], net.norm.weight, net.norm.eps)
+        return u.mul_(_inv_rms(u.view(-1, u.shape[-1]), self._refiner_d_eps).view(*u.shape[:-1], 1)).mul_(
+            self._refiner_gain)
 
     def _block(self, block: Block, x: torch.Tensor, freqs, lo: int, end: int, mask) -> torch.Tensor:
         """x (B, n, d) -> the block's output at the new positions; writes its K, V into this call's cache."""
@@ -268,22 +279,21 @@ class IncrementalDecoder:
         H, hd = self._heads, self._head_dim
         x = x.view(B * n, d)
         qkv = torch.mm(x, w.qkv_t).mul_(_inv_rms(x, w.d_eps))
-        qk = torch.view_as_complex(qkv[:, :2 * d].view(B, n, 2, H, hd // 2, 2))
-        qk = torch.view_as_real(qk * freqs).view(B, n, 2, H, hd)                 # rotated, pair order
-        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)                  # (B, H, n, hd)
-        v = qkv[:, 2 * d:].view(B, n, H, hd).transpose(1, 2)
-        slot, self._slot = self._slot, self._slot + 1
-        k_cache, v_cache = self._kv[slot]
+        # (B, 3, H, n, hd / 2) complex: a view for one token, a strided view of the (B, n, 3, H, hd) layout else
+        qkv = qkv.view(B, 3, H, 1, hd // 2, 2) if n == 1 else qkv.view(B, n, 3, H, hd // 2, 2).permute(0, 2, 3, 1, 4, 5)
+        qkv = torch.view_as_real(torch.view_as_complex(qkv) * freqs).flatten(-2)    # q, k rotated (pair order)
+        kv = self._kv[self._slot]
         if self._frozen is not None:          # skip_halted: halted tokens keep the keys of the previous step's call
-            k_prev, v_prev = self._kv[slot - self._per_step]
-            keep = self._frozen.view(B, 1, n, 1)
-            k = torch.where(keep, k_prev.narrow(2, end - n, n), k)
-            v = torch.where(keep, v_prev.narrow(2, end - n, n), v)
-        k_cache.narrow(2, end - n, n).copy_(k)
-        v_cache.narrow(2, end - n, n).copy_(v)
-        att = F.scaled_dot_product_attention(q, k_cache.narrow(2, lo, end - lo), v_cache.narrow(2, lo, end - lo),
-                                             attn_mask=mask)
-        x = torch.addmm(x, att.transpose(1, 2).reshape(B * n, d), w.o_t)                    # x + o_proj(att)
+            new = torch.where(self._frozen.view(B, 1, 1, n, 1),
+                              self._kv[self._slot - self._per_step].narrow(3, end - n, n), qkv[:, 1:])
+        else:
+            new = qkv[:, 1:]
+        self._slot += 1
+        kv.narrow(3, end - n, n).copy_(new)
+        kv = kv.narrow(3, lo, end - lo)
+        att = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0], kv[:, 1], attn_mask=mask)     # (B, H, n, hd)
+        att = att.view(B, d) if n == 1 else att.transpose(1, 2).reshape(B * n, d)
+        x = torch.addmm(x, att, w.o_t)                                                          # x + o_proj(att)
         gate, up = torch.mm(x, w.gate_up_t).mul_(_inv_rms(x, w.d_eps)).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(gate).mul_(up), w.down_t).view(B, n, d)          # x + ffn(...)
 

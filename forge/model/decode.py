@@ -79,6 +79,24 @@ class _BlockWeights:
                                  # operand costs a conversion per operation)
 
 
+@dataclass
+class _GateWeights:
+    """The MAG gate's weights for decoding: RMSNorm gains times sqrt(d), the up projection's y and m columns."""
+    gain_y: torch.Tensor
+    gain_m: torch.Tensor
+    up_y_t: torch.Tensor          # (d, hidden)
+    up_m_t: torch.Tensor          # (d, hidden)
+    down_t: torch.Tensor          # (hidden, d)
+    d_eps: torch.Tensor
+
+
+def _gate_weights(gate) -> _GateWeights:
+    d = gate.norm_y.weight.shape[0]
+    up_y, up_m = gate.up.weight.split(d, dim=1)
+    return _GateWeights(gate.norm_y.weight * d ** 0.5, gate.norm_m.weight * d ** 0.5, up_y.T.contiguous(),
+                        up_m.T.contiguous(), gate.down.weight.T.contiguous(), _d_eps(gate.norm_y, gate.up.weight))
+
+
 def _pair_order(n_heads: int, head_dim: int, device) -> torch.Tensor:
     """Row order that puts RoPE's pairs (i, i + head_dim/2) of every head side by side."""
     half = head_dim // 2
@@ -150,6 +168,8 @@ class IncrementalDecoder:
         self._grow(capacity)
         self._memory: _MemoryState | None = None
         if model.spec.memory.enabled:
+            with torch.no_grad():
+                self._gate_weights = _gate_weights(model.gate)
             d_mem = model.spec.memory.d_mem
             m0 = model.memory.initial_memory().detach()
             self._memory = _MemoryState(m0.expand(batch_size, d_mem, d_mem).clone(),
@@ -195,7 +215,7 @@ class IncrementalDecoder:
         if self._memory is None:
             x = model.backbone_norm(y)
         else:
-            x = model.gate(y, self._read_and_write_memory(h0, start))[0]
+            x = self._gate(y, self._read_and_write_memory(h0, start))
 
         rows = slice(n - 1, n) if last_only else slice(None)
         m = 1 if last_only else n
@@ -239,6 +259,17 @@ class IncrementalDecoder:
             used = torch.full((N,), last, dtype=torch.long, device=idx.device)
         self.length = end
         return DecodeOutput(out.view(B, m, -1), used.view(B, m) + 1, t + 1)
+
+    def _gate(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """model.gate's blended output (without its entropy): m' + g (y' - m'), y' and m' the RMS-normalised
+        paths, g = sigmoid(down(silu(up([y'; m'])))) with up split into its y and m columns."""
+        w = self._gate_weights
+        shape = y.shape
+        y, m = y.reshape(-1, shape[-1]), m.reshape(-1, shape[-1])
+        y = y * _inv_rms(y, w.d_eps) * w.gain_y
+        m = m * _inv_rms(m, w.d_eps) * w.gain_m
+        g = torch.sigmoid(torch.mm(F.silu(torch.addmm(torch.mm(y, w.up_y_t), m, w.up_m_t)), w.down_t))
+        return torch.lerp(m, y, g).view(shape)
 
     def _lm_head(self, y: torch.Tensor) -> torch.Tensor:
         """model.lm_head of rows y (N, d), with the transposed weight."""

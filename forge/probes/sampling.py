@@ -37,9 +37,13 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, generator: t
 
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float, top_k: int, seed: int,
-             eos_id: int | None = None, halt: bool = True, cached: bool = True) -> Generation:
+             eos_id: int | None = None, halt: bool = True, cached: bool = True,
+             skip_halted: bool = False) -> Generation:
     """Continue every row of `prompts` (B, P) by up to max_new_tokens tokens; a row stops at eos (generation
-    stops when every row has). halt=False forces full depth. Leaves the model's train/eval mode as it was."""
+    stops when every row has). halt=False forces full depth. skip_halted (cached only): halted tokens are
+    frozen and skip the later outer steps, an approximation of the model (forge.model.decode) that is
+    faster where tokens halt early; off, the tokens are the full model's. Leaves the model's train/eval mode as
+    it was."""
     was_training = model.training
     model.eval()
     device = prompts.device
@@ -48,7 +52,10 @@ def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: 
     seq = prompts
     out, steps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    decoder = IncrementalDecoder(model, B, capacity=prompts.shape[1] + max_new_tokens) if cached else None
+    if skip_halted and not cached:
+        raise ValueError("skip_halted needs the cached decoder")
+    decoder = IncrementalDecoder(model, B, capacity=prompts.shape[1] + max_new_tokens,
+                                 skip_halted=skip_halted) if cached else None
     threads = torch.get_num_threads()
     start = time.perf_counter()
     try:
@@ -70,7 +77,7 @@ def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: 
             if eos_id is not None:
                 token = torch.where(done, eos_id, token)
             out.append(token)
-            steps.append(torch.where(done, 0, used))
+            steps.append(used if eos_id is None else torch.where(done, 0, used))
             if eos_id is not None:
                 done |= token == eos_id
             feed = token[:, None]

@@ -207,3 +207,17 @@ def test_generation_with_skip_halted_is_seeded_and_uses_fewer_steps():
     assert 1 <= a.avg_steps < model.n_steps
     with pytest.raises(ValueError, match="cached"):
         generate(model, prompts, 2, temperature=1.0, top_k=0, seed=2, skip_halted=True, cached=False)
+
+
+def test_pick_next_draws_what_torch_multinomial_draws():
+    """pick_next writes out multinomial's one-sample draw (no host sync): the same tokens under the same seed
+    as the decoder before it, on this torch."""
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(3))
+    for temperature, top_k in [(0.8, 5), (1.0, 0)]:
+        ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        scaled = logits / temperature
+        if top_k:
+            scaled = scaled.masked_fill(scaled < scaled.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+        for _ in range(50):
+            expected = torch.multinomial(scaled.softmax(-1), 1, generator=theirs).squeeze(-1)
+            assert torch.equal(pick_next(logits, temperature, top_k, ours), expected)

@@ -222,7 +222,6 @@ class IncrementalDecoder:
         N, last = B * m, model.n_steps - 1
         decide = halt and model.trm is not None        # the halting head chooses each token's step
         skip = decide and self.skip_halted
-        act, thresh_t = (model.trm.act, self._halt_thresh) if decide else (None, None)
         out = used = halted = None          # logits (N, V), used step (N,), output chosen (N,)
         n_chosen, t = 0, 0
         for t, (y_t, z_t) in enumerate(self._outer_steps(x, freqs, lo, end, mask)):
@@ -232,8 +231,15 @@ class IncrementalDecoder:
                 continue
             if n_chosen == N and not skip:      # every output chosen: later steps run for the caches only
                 continue
-            z = z_t if skip else z_t[:, rows]
-            stop = torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > thresh_t
+            if B * n == 1:                      # one new token: its halting decision as one host read
+                if t < last and not bool(self._halts(z_t)):
+                    continue
+                out, used, n_chosen = self._lm_head(y_t.view(1, -1)), idx.new_full((1,), t), 1
+                if skip and t < last:
+                    self._freeze_later_steps(t, start, end)
+                    break
+                continue
+            stop = self._halts(z_t if skip else z_t[:, rows])
             if t == last:
                 stop.fill_(True)
             if skip:                            # halted (B, n) so far: frozen from the next step on
@@ -253,7 +259,7 @@ class IncrementalDecoder:
             used = torch.where(newly, t, -1) if used is None else torch.where(newly, t, used)
             halted = newly if halted is None else halted | newly
             if skip and t < last and (n_chosen == N if m == n else bool(self._frozen.all())):
-                self._freeze_later_steps(t, end - n, end)
+                self._freeze_later_steps(t, start, end)
                 break
         if used is None:
             used = torch.full((N,), last, dtype=torch.long, device=idx.device)
@@ -270,6 +276,11 @@ class IncrementalDecoder:
         m = m * _inv_rms(m, w.d_eps) * w.gain_m
         g = torch.sigmoid(torch.mm(F.silu(torch.addmm(torch.mm(y, w.up_y_t), m, w.up_m_t)), w.down_t))
         return torch.lerp(m, y, g).view(shape)
+
+    def _halts(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) latents -> (B * n,) halting decisions: sigmoid(act(z)) > act.halt_thresh."""
+        act = self.model.trm.act
+        return torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > self._halt_thresh
 
     def _lm_head(self, y: torch.Tensor) -> torch.Tensor:
         """model.lm_head of rows y (N, d), with the transposed weight."""

@@ -3,8 +3,9 @@ at inference (or full depth), incremental (cached, forge.model.decode) or by a w
 
 Both paths give the same tokens: the cached decoder reproduces the forward's logits (tested), and the same
 generator draws the same numbers from the same distribution. Several samples (forge sample --n) run as one
-batch; after the prefill the cached path runs on one thread (a token's operations are too small to split). A dedicated torch.Generator keeps sampling out
-of the global RNG, so sampling during training never changes the run.
+batch; after the prefill the cached path runs on one thread (a token's operations are too small to split). A
+dedicated torch.Generator keeps sampling out of the global RNG, so sampling during training never changes the
+run.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, generator: t
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # torch.multinomial's one-sample draw (argmax of p / q, q ~ Exp(1) from the generator: the Gumbel-max
+    # trick), written out: the same numbers from the same generator, without multinomial's input check, whose
+    # host sync every token would pay
+    q = torch.empty_like(logits).exponential_(1, generator=generator)
+    return logits.softmax(-1).div_(q).argmax(-1)
 
 
 @torch.no_grad()

@@ -14,11 +14,14 @@ per-operation overhead, not FLOPs. So the decoder runs the same math with fewer 
     and up projections; the residual adds ride in the output matmuls (addmm);
   - RMSNorm is one dot product per row and a scale of the next matmul's output: norm(x) * g @ W^T =
     (x @ (g W^T sqrt(d))) * rsqrt(x . x + d eps), the gain and sqrt(d) folded into the weight once;
-  - RoPE is one complex multiplication of q and k together: the q and k rows of every head are permuted once
-    so that the pairs (i, i + head_dim / 2) that RoPE rotates together sit side by side (q . k is unchanged
-    under a permutation applied to both, and the cached keys are kept in that order);
-  - keys and values go into caches preallocated for every attention call (no concatenation per token), and a
-    single new token with a sliding window attends to the window's slice of the cache, without a mask;
+  - RoPE is one complex multiplication of q, k and v together (v by 1, exact): the q and k rows of every head
+    are permuted once so that the pairs (i, i + head_dim / 2) that RoPE rotates together sit side by side
+    (q . k is unchanged under a permutation applied to both, and the cached keys are kept in that order);
+  - keys and values share one cache tensor per attention call, preallocated (one copy per token, no
+    concatenation), and a single new token with a sliding window attends to the window's slice of the cache,
+    without a mask; a single token's q, k, v are views of the projection, without transposes;
+  - the MAG gate is a few matmuls (its gains folded, without the entropy only training uses); Python-float
+    operands are tensors made once (a float operand costs a conversion per operation);
   - the LM head runs only where logits are used: the positions asked for (the last one when sampling), and
     per outer step only for the tokens that halt there (ACT halting) or at the last step (full depth); once
     every output is chosen, the halting head is not evaluated again.

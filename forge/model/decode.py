@@ -12,7 +12,7 @@ A token costs ~11 block applications on the tiny model, each a handful of small 
 per-operation overhead, not FLOPs. So the decoder runs the same math with fewer operations:
   - each block's q, k, v projections are one matmul (their weights concatenated once), as are the FFN's gate
     and up projections; the residual adds ride in the output matmuls (addmm);
-  - RMSNorm is one dot product per row and a scale of the next matmul's output: norm(x) * g @ W^T =
+  - RMSNorm is one vector norm per row and a scale of the next matmul's output: norm(x) * g @ W^T =
     (x @ (g W^T sqrt(d))) * rsqrt(x . x + d eps), the gain and sqrt(d) folded into the weight once;
   - RoPE is one complex multiplication of q, k and v together (v by 1, exact): the q and k rows of every head
     are permuted once so that the pairs (i, i + head_dim / 2) that RoPE rotates together sit side by side

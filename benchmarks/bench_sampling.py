@@ -5,9 +5,12 @@ interleaved round by round in one process; and whether both give the same tokens
 The model is specs/tiny.toml's (0.81M parameters, random weights from a fixed seed) with a halting head that
 halts some tokens early (as tests/test_sampling.py does), so that ACT halting is exercised; a 25-token
 prompt of seeded random ids, sampling as the probes do (temperature 0.8, top-k 40), no eos (every row
-generates --tokens tokens).
+generates --tokens tokens). A third column runs the decoder with skip_halted (halted tokens frozen, their later
+outer steps skipped: an approximation of the model, so its tokens are not compared, only its speed and steps).
+The tokens/s include the prefill and the sampling (generate's own figure: wall time of the whole call).
 
-    .venv/bin/python benchmarks/bench_sampling.py [--before REV] [--rounds 5] [--threads 2] [--quick]   # results/sampling.json
+    .venv/bin/python benchmarks/bench_sampling.py [--before REV] [--rounds 5] [--threads 2] [--quick] [--name N]
+                                                                                       # results/sampling.json
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="samples generated at once (--n)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2: forge sample's default, every core)")
     parser.add_argument("--quick", action="store_true", help="1 round of 16 tokens; writes results/sampling_quick.json")
+    parser.add_argument("--name", help="results/<name>.json [default: sampling, _threadsN, _quick as they apply]")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tokens = 1, 16
@@ -75,27 +79,34 @@ def main() -> None:
     rows, results = [], {}
     for batch in args.batches:
         prompts = torch.tensor([prompt_ids] * batch)
-        gens = {"before": [], "after": []}
+        gens = {"before": [], "after": [], "skip_halted": []}
+        runs = (("before", old.generate, {}), ("after", sampling.generate, {}),
+                ("skip_halted", sampling.generate, {"skip_halted": True}))
         for r in range(args.rounds + 1):                   # round 0 warms up
-            for name, gen in (("before", old.generate), ("after", sampling.generate)):
+            for name, gen, extra in runs:
                 t0 = time.perf_counter()
-                out = gen(model, prompts, args.tokens, **kw)
+                out = gen(model, prompts, args.tokens, **kw, **extra)
                 seconds = time.perf_counter() - t0
                 if r:
                     gens[name].append((batch * args.tokens / seconds, out))
         before = statistics.median(t for t, _ in gens["before"])
         after = statistics.median(t for t, _ in gens["after"])
+        skip = statistics.median(t for t, _ in gens["skip_halted"])
         same = all(a.tokens == b.tokens and a.avg_steps == b.avg_steps
                    for (_, a), (_, b) in zip(gens["before"], gens["after"]))
         results[f"n{batch}"] = {"before_tokens_per_sec": before, "after_tokens_per_sec": after,
                                 "speedup": after / before, "same_tokens": same,
-                                "avg_steps": gens["after"][0][1].avg_steps}
+                                "avg_steps": gens["after"][0][1].avg_steps,
+                                "skip_halted_tokens_per_sec": skip, "skip_halted_speedup": skip / before,
+                                "skip_halted_avg_steps": gens["skip_halted"][0][1].avg_steps}
         rows.append([batch, f"{before:,.0f}", f"{after:,.0f}", f"{after / before:.2f}x", "yes" if same else "NO",
-                     f"{gens['after'][0][1].avg_steps:.2f}"])
+                     f"{gens['after'][0][1].avg_steps:.2f}", f"{skip:,.0f}", f"{skip / before:.2f}x",
+                     f"{gens['skip_halted'][0][1].avg_steps:.2f}"])
     results["n1_after_vs_before"] = results.get("n1", {}).get("speedup")
     print(table(["samples at once (--n)", "before tokens/s", "after tokens/s", "speedup", "same tokens",
-                 "avg ACT steps"], rows))
-    name = "sampling" + ("" if args.threads == 2 else f"_threads{args.threads}") + ("_quick" if args.quick else "")
+                 "avg ACT steps", "skip_halted tokens/s", "speedup", "its avg steps"], rows))
+    name = args.name or ("sampling" + ("" if args.threads == 2 else f"_threads{args.threads}")
+                         + ("_quick" if args.quick else ""))
     write_result(name, {"before": args.before, "seed": spec_seed, "tokens": args.tokens,
                               "prompt_tokens": len(prompt_ids), "threads": args.threads, "results": results})
 

@@ -186,6 +186,8 @@ def sample(run_id: str = typer.Argument(..., help="Run id."),
            full_depth: bool = typer.Option(False, "--full-depth", help="Run every TRM step (no ACT halting)."),
            no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole prefix per token "
                                                                    "(slow; the cached decoder gives the same text)."),
+           skip_halted: bool = typer.Option(False, "--skip-halted", help="Halted tokens skip the later TRM steps "
+                                                                         "(faster; approximates the model)."),
            output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
            as_json: bool = JsonOption) -> None:
     """Generate text from a checkpoint of RUN_ID, with ACT halting (avg steps per token reported)."""
@@ -196,7 +198,8 @@ def sample(run_id: str = typer.Argument(..., help="Run id."),
 
     run = RunDir.open(output_dir, run_id)
     result = sample_run(run.path, step=step, prompt=prompt, n=n, max_tokens=max_tokens, temperature=temperature,
-                        top_k=top_k, seed=seed, full_depth=full_depth, cached=not no_cache)
+                        top_k=top_k, seed=seed, full_depth=full_depth, cached=not no_cache,
+                        skip_halted=skip_halted)
     if as_json:
         ui.print_json(asdict(result))
     else:

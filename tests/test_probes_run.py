@@ -103,5 +103,9 @@ def test_forge_sample_is_seeded_and_respects_max_tokens(trained, run_cli):
     assert uncached["samples"] == first["samples"]
     full = json.loads(run_cli(*args, "--full-depth", "--step", "2", cwd=cwd)[1])
     assert full["avg_steps"] == full["t_max"] and full["step"] == 2
+    skipping = json.loads(run_cli(*args, "--skip-halted", cwd=cwd)[1])
+    assert len(skipping["samples"]) == 2 and 1 <= skipping["avg_steps"] <= skipping["t_max"]
+    code, _, err = run_cli(*args, "--skip-halted", "--no-cache", cwd=cwd)
+    assert code == 2 and "--skip-halted needs the cached decoder" in err
     code, _, err = run_cli("sample", "probed", "--step", "3", cwd=cwd)
     assert code == 2 and "kept steps: 2, 4" in err

@@ -154,3 +154,70 @@ def test_the_decoder_caches_grow_without_changing_the_logits():
     torch.testing.assert_close(torch.cat([p.logits for p in last], 1), full.logits[:, 6:], atol=1e-4, rtol=1e-4)
     assert torch.equal(torch.cat([p.used_steps for p in last], 1), full.used_steps[:, 6:])
     assert decoder.step(idx[:, :5], last_only=True).logits.shape == (2, 1, V)   # last_only: the last position
+
+
+def test_skip_halted_is_the_model_when_no_token_halts_early():
+    model = small_model()
+    with torch.no_grad():
+        model.trm.act.bias.fill_(-50.0)              # nothing halts before the last step
+    idx = tokens(2, 30)
+    with torch.no_grad():
+        full = model(idx, halt=True, return_logits=True)
+    decoder = IncrementalDecoder(model, 2, skip_halted=True)
+    pieces = [decoder.step(idx[:, :9])] + [decoder.step(idx[:, t:t + 1]) for t in range(9, 30)]
+    torch.testing.assert_close(torch.cat([p.logits for p in pieces], 1), full.logits, atol=1e-4, rtol=1e-4)
+    assert all(p.steps_run == model.n_steps for p in pieces)
+
+
+@pytest.mark.parametrize("variant", ["phase1", "full_attention", "no_memory"])
+def test_skip_halted_token_by_token_equals_its_prefill_and_freezes_halted_tokens(variant):
+    """Two implementations of the frozen-halting semantics agree: a prefill computes every token and keeps the
+    halted tokens' keys/values from their halting step; token by token, the steps after a token halts are
+    skipped and its caches filled from that step. Both differ from the full model where tokens halt early."""
+    model = small_model(*VARIANTS[variant])
+    with torch.no_grad():       # a refiner whose attention matters, so that frozen keys/values change outputs
+        for block in model.trm.net.blocks:
+            block.attn.v_proj.weight.mul_(8.0)
+            block.attn.o_proj.weight.mul_(8.0)
+    idx = tokens(2, 40, seed=3)
+    prefill = IncrementalDecoder(model, 2, skip_halted=True).step(idx)
+    stepped = IncrementalDecoder(model, 2, skip_halted=True)
+    pieces = [stepped.step(idx[:, t:t + 1]) for t in range(40)]
+    torch.testing.assert_close(torch.cat([p.logits for p in pieces], 1), prefill.logits, atol=1e-4, rtol=1e-4)
+    used = torch.cat([p.used_steps for p in pieces], 1)
+    assert torch.equal(used, prefill.used_steps)
+    assert min(p.steps_run for p in pieces) < model.n_steps             # some tokens' later steps were skipped
+    exact = IncrementalDecoder(model, 2).step(idx)
+    assert (exact.logits - prefill.logits).abs().max() > 1e-2       # an approximation, not the model
+    # a token that halted at step t keeps, in every later step's attention calls, the keys/values of step t
+    b, pos = (used == 1).nonzero()[0].tolist()
+    per_step, first = stepped._per_step, len(model.blocks)
+    for call in range(per_step):
+        halting = stepped._kv[first + call][b, :, :, pos]
+        for t in range(1, model.n_steps):
+            assert torch.equal(stepped._kv[first + t * per_step + call][b, :, :, pos], halting)
+
+
+def test_generation_with_skip_halted_is_seeded_and_uses_fewer_steps():
+    model = small_model()
+    prompts = tokens(2, 9)
+    kw = dict(temperature=1.0, top_k=0, seed=2, skip_halted=True)
+    a, b = generate(model, prompts, 20, **kw), generate(model, prompts, 20, **kw)
+    assert a.tokens == b.tokens and [len(t) for t in a.tokens] == [20, 20]
+    assert 1 <= a.avg_steps < model.n_steps
+    with pytest.raises(ValueError, match="cached"):
+        generate(model, prompts, 2, temperature=1.0, top_k=0, seed=2, skip_halted=True, cached=False)
+
+
+def test_pick_next_draws_what_torch_multinomial_draws():
+    """pick_next writes out multinomial's one-sample draw (no host sync): the same tokens under the same seed
+    as the decoder before it, on this torch."""
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(3))
+    for temperature, top_k in [(0.8, 5), (1.0, 0)]:
+        ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        scaled = logits / temperature
+        if top_k:
+            scaled = scaled.masked_fill(scaled < scaled.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+        for _ in range(50):
+            expected = torch.multinomial(scaled.softmax(-1), 1, generator=theirs).squeeze(-1)
+            assert torch.equal(pick_next(logits, temperature, top_k, ours), expected)

@@ -13,18 +13,33 @@ A token costs ~11 block applications on the tiny model, each a handful of small 
 per-operation overhead, not FLOPs. So the decoder runs the same math with fewer operations:
   - each block's q, k, v projections are one matmul (their weights concatenated once), as are the FFN's gate
     and up projections; the residual adds ride in the output matmuls (addmm);
-  - RoPE is one complex multiplication of q and k together: the q and k rows of every head are permuted once
-    so that the pairs (i, i + head_dim / 2) that RoPE rotates together sit side by side (q . k is unchanged
-    under a permutation applied to both, and the cached keys are kept in that order);
-  - keys and values go into preallocated caches (no concatenation per token), and a single new token with a
-    sliding window attends to the window's slice of the cache, without a mask;
+  - RMSNorm is one vector norm per row and a scale of the next matmul's output: norm(x) * g @ W^T =
+    (x @ (g W^T sqrt(d))) * rsqrt(x . x + d eps), the gain and sqrt(d) folded into the weight once;
+  - RoPE is one complex multiplication of q, k and v together (v by 1, exact): the q and k rows of every head
+    are permuted once so that the pairs (i, i + head_dim / 2) that RoPE rotates together sit side by side
+    (q . k is unchanged under a permutation applied to both, and the cached keys are kept in that order);
+  - keys and values share one cache tensor per attention call, preallocated (one copy per token, no
+    concatenation), and a single new token with a sliding window attends to the window's slice of the cache,
+    without a mask; a single token's q, k, v are views of the projection, without transposes;
+  - the MAG gate is a few matmuls (its gains folded, without the entropy only training uses); Python-float
+    operands are tensors made once (a float operand costs a conversion per operation);
   - the LM head runs only where logits are used: the positions asked for (the last one when sampling), and
-    per outer step only for the tokens that halt there (ACT halting) or at the last step (full depth).
+    per outer step only for the tokens that halt there (ACT halting) or at the last step (full depth); once
+    every output is chosen, the halting head is not evaluated again.
 The logits equal those of model(whole sequence) at the same positions to float rounding (tested to 1e-4).
 
 ACT halting at inference: a token's output is the logits of its first confident step (as forward(halt=True)).
-Every step is still computed for every token, because later tokens attend to this token's states at deeper
-steps; halting chooses the output (and skips the LM head of the steps after it), not the refiner's work.
+By default every step is still computed for every token, because later tokens attend to this token's states
+at deeper steps: halting chooses the output, not the refiner's work, and the tokens equal the full model's.
+
+skip_halted=True (an approximation of the full model, not its output): a token that halts at outer step t is
+frozen there. Its queries and feed-forward are not run at the later steps t' > t, and wherever a later token
+attends to it in refiner application s of step t' (s = 0 .. micro_steps, the same attention call of another
+outer step), it reads the keys and values it had in application s of step t, its last computed ones. The new
+token of a decoding step stops when it (every row of the batch) has halted: the steps after it are skipped and
+their caches receive its frozen keys and values. In a prefill of several tokens every token is still
+computed (rows of one sequence attend to each other), with the halted tokens' keys and values frozen as above,
+so the prefill gives what the frozen model gives, without the saving.
 """
 from __future__ import annotations
 
@@ -40,18 +55,38 @@ from forge.model.backbone import Block
 class DecodeOutput:
     logits: torch.Tensor        # (B, n, V) of the new positions (the last only with last_only): halting step's or last
     used_steps: torch.Tensor    # (B, n) outer steps each new token used (1..t_max), likewise
+    steps_run: int              # outer steps computed for the new tokens (t_max unless skip_halted stopped early)
 
 
 @dataclass
 class _BlockWeights:
     """One block's weights laid out for decoding (see the module docstring): transposed and contiguous (a
-    (rows x d) @ (d x out) matmul of a few rows is the fast layout here), each RMSNorm's gain folded into the
-    matmul after it (norm(x) * g @ W^T = (x * s) @ (g W^T))."""
+    (rows x d) @ (d x out) matmul of a few rows is the fast layout here), each RMSNorm's gain and sqrt(d)
+    folded into the matmul after it."""
     qkv_t: torch.Tensor          # (d, 3d): q and k columns in RoPE-pair order per head, then v
     o_t: torch.Tensor            # (d, d)
     gate_up_t: torch.Tensor      # (d, 2 * hidden)
     down_t: torch.Tensor         # (hidden, d)
-    eps: float
+    d_eps: torch.Tensor          # d * eps, the RMSNorm epsilon on the sum of squares (a tensor: a Python float
+                                 # operand costs a conversion per operation)
+
+
+@dataclass
+class _GateWeights:
+    """The MAG gate's weights for decoding: RMSNorm gains times sqrt(d), the up projection's y and m columns."""
+    gain_y: torch.Tensor
+    gain_m: torch.Tensor
+    up_y_t: torch.Tensor          # (d, hidden)
+    up_m_t: torch.Tensor          # (d, hidden)
+    down_t: torch.Tensor          # (hidden, d)
+    d_eps: torch.Tensor
+
+
+def _gate_weights(gate) -> _GateWeights:
+    d = gate.norm_y.weight.shape[0]
+    up_y, up_m = gate.up.weight.split(d, dim=1)
+    return _GateWeights(gate.norm_y.weight * d ** 0.5, gate.norm_m.weight * d ** 0.5, up_y.T.contiguous(),
+                        up_m.T.contiguous(), gate.down.weight.T.contiguous(), _d_eps(gate.norm_y, gate.up.weight))
 
 
 def _pair_order(n_heads: int, head_dim: int, device) -> torch.Tensor:
@@ -68,27 +103,32 @@ def _block_weights(block: Block) -> _BlockWeights:
     gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
     return _BlockWeights(_fold(block.attn_norm.weight, qkv), attn.o_proj.weight.T.contiguous(),
                          _fold(block.ffn_norm.weight, gate_up), ffn.down_proj.weight.T.contiguous(),
-                         block.attn_norm.eps)
+                         _d_eps(block.attn_norm, qkv))
 
 
 def _fold(gain: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(gain * x) @ weight^T = x @ (gain[:, None] * weight^T)."""
-    return (gain[:, None] * weight.T).contiguous()
+    """norm(x) * gain @ weight^T = (x @ (gain[:, None] * weight^T * sqrt(d))) * _inv_rms(x)."""
+    return (gain[:, None] * weight.T * gain.shape[0] ** 0.5).contiguous()
 
 
-def _rms_scaled(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) without the gain (folded into the next matmul): for a few rows, one
-    reduction and in-place scalar work are cheaper than F.rms_norm's composite."""
-    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+def _d_eps(norm, like: torch.Tensor) -> torch.Tensor:
+    return like.new_tensor(norm.weight.shape[0] * norm.eps)
+
+
+def _inv_rms(x: torch.Tensor, d_eps: torch.Tensor) -> torch.Tensor:
+    """(N, d) -> (N, 1): 1 / sqrt(x . x + d eps) = 1 / (sqrt(d) rms(x)); the sqrt(d) is in the folded weight."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.addcmul(d_eps, norm, norm).rsqrt_()
 
 
 class IncrementalDecoder:
     """Feed a batch of sequences piece by piece: step(prompt) first (the prefill), then one token at a time.
-    The logits equal those of model(whole sequence) at the same positions (tested to 1e-4)."""
+    The logits equal those of model(whole sequence) at the same positions (tested to 1e-4); with
+    skip_halted=True those of the frozen-halting approximation (module docstring)."""
 
-    def __init__(self, model, batch_size: int, capacity: int = 256):
+    def __init__(self, model, batch_size: int, capacity: int = 256, skip_halted: bool = False):
         """capacity: positions the caches hold before they grow (doubling)."""
-        self.model, self.batch_size = model, batch_size
+        self.model, self.batch_size, self.skip_halted = model, batch_size, skip_halted
         self.length = 0
         pattern = model.blocks[0].attn.pattern
         self._pattern = pattern
@@ -98,12 +138,31 @@ class IncrementalDecoder:
         with torch.no_grad():
             self._weights = {id(b): _block_weights(b) for b in model.modules() if isinstance(b, Block)}
             self._head_t = _fold(model.head_norm.weight, model.tok_emb.weight)   # the tied LM head, (d, V)
+            self._head_d_eps = _d_eps(model.head_norm, self._head_t)
+            if model.trm is not None:   # the refiner's closing RMSNorm: its gain times sqrt(d), and d eps
+                norm = model.trm.net.norm
+                self._refiner_gain = norm.weight * norm.weight.shape[0] ** 0.5
+                self._refiner_d_eps = _d_eps(norm, self._head_t)
+                self._halt_thresh = self._head_t.new_tensor(model.spec.act.halt_thresh)
+        trm = model.trm
+        # attention calls: one per backbone block, one per refiner block and application
+        self._per_step = 0 if trm is None else (trm.micro_steps + 1) * len(trm.net.blocks)
+        self._n_calls = len(model.blocks) + (0 if trm is None else trm.t_max * self._per_step)
+        self._frozen: torch.Tensor | None = None    # (B, n): new tokens halted at an earlier step (skip_halted)
         self._capacity = 0
-        self._rope: torch.Tensor | None = None          # (capacity, head_dim / 2) complex
-        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []   # per attention call: K and V (B, H, capacity, hd)
+        # RoPE's rotations of q, k and 1 for v, (3, 1, capacity, head_dim / 2) complex: q, k and v rotate as one
+        # complex product, exact for v ((a + bi)(1 + 0i) = a + bi in floating point)
+        self._rope: torch.Tensor | None = None
+        # per attention call: K and V in one tensor (B, 2, H, capacity, head_dim), written by one copy per token
+        shape = (batch_size, 2, self._heads, 0, self._head_dim)
+        self._kv = [model.tok_emb.weight.new_empty(shape) for _ in range(self._n_calls)]
         self._slot = 0
         self._grow(capacity)
-        self._memory = model.memory.init_state(batch_size) if model.spec.memory.enabled else None
+        self._memory = None
+        if model.spec.memory.enabled:
+            self._memory = model.memory.init_state(batch_size)
+            with torch.no_grad():
+                self._gate_weights = _gate_weights(model.gate)
 
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
@@ -112,13 +171,13 @@ class IncrementalDecoder:
         device = self.model.tok_emb.weight.device
         cos, sin = self.model.rope(capacity, device)       # the model's own tables: the same angles
         half = self._head_dim // 2
-        self._rope = torch.complex(cos[:, :half], sin[:, :half])
+        rotation = torch.complex(cos[:, :half], sin[:, :half])
+        self._rope = torch.stack([rotation, rotation, torch.ones_like(rotation)])[:, None]
         grown = []
-        for k, v in self._kv:
-            shape = (*k.shape[:2], capacity, k.shape[-1])
-            k2, v2 = k.new_empty(shape), v.new_empty(shape)
-            k2[:, :, :self.length], v2[:, :, :self.length] = k[:, :, :self.length], v[:, :, :self.length]
-            grown.append((k2, v2))
+        for kv in self._kv:
+            kv2 = kv.new_empty((*kv.shape[:3], capacity, kv.shape[-1]))
+            kv2[:, :, :, :self.length] = kv[:, :, :, :self.length]
+            grown.append(kv2)
         self._kv = grown
         self._capacity = capacity
 
@@ -130,8 +189,8 @@ class IncrementalDecoder:
         B, n = idx.shape
         start, end = self.length, self.length + n
         self._grow(end)
-        self._slot = 0
-        freqs = self._rope[start:end, None, None, :]                 # (n, 1, 1, hd/2), broadcast over q|k, heads
+        self._slot, self._frozen = 0, None
+        freqs = self._rope[:, :, start:end]                # (3, 1, n, hd/2), broadcast over batch and heads
         if n == 1 and self._slice_window != -1:                     # keys: a slice of the cache, no mask
             lo = 0 if self._slice_window is None else max(0, end - self._slice_window)
             mask = None
@@ -145,39 +204,83 @@ class IncrementalDecoder:
         if self._memory is None:
             x = model.backbone_norm(y)
         else:
-            x = model.gate(y, self._read_and_write_memory(memory_input, start))[0]
+            x = self._gate(y, self._read_and_write_memory(memory_input, start))
 
         rows = slice(n - 1, n) if last_only else slice(None)
         m = 1 if last_only else n
-        last = model.n_steps - 1
-        used = torch.full((B, m), last, dtype=torch.long, device=idx.device)
-        halted = torch.zeros(B, m, dtype=torch.bool, device=idx.device)
-        out = None
+        N, last = B * m, model.n_steps - 1
+        decide = halt and model.trm is not None        # the halting head chooses each token's step
+        skip = decide and self.skip_halted
+        out = used = halted = None          # logits (N, V), used step (N,), output chosen (N,)
+        n_chosen, t = 0, 0
         for t, (y_t, z_t) in enumerate(self._outer_steps(x, freqs, lo, end, mask)):
-            y_t = y_t[:, rows].reshape(B * m, -1)
-            if z_t is None or not halt:
+            if not decide:
                 if t == last:
-                    out = self._lm_head(y_t)
+                    out = self._lm_head(y_t[:, rows].reshape(N, -1))
                 continue
-            stop = (torch.sigmoid(model.trm.act(z_t[:, rows])) > model.spec.act.halt_thresh) | (t == last)
-            newly = stop & ~halted
-            chosen = newly.flatten().nonzero().squeeze(1)          # only these tokens need step t's logits
-            every = len(chosen) == B * m                          # every token halts here (or it is the last)
+            if n_chosen == N and not skip:      # every output chosen: later steps run for the caches only
+                continue
+            if B * n == 1:                      # one new token: its halting decision as one host read
+                if t < last and not bool(self._halts(z_t)):
+                    continue
+                out, used, n_chosen = self._lm_head(y_t.view(1, -1)), idx.new_full((1,), t), 1
+                if skip and t < last:
+                    self._freeze_later_steps(t, start, end)
+                    break
+                continue
+            stop = self._halts(z_t if skip else z_t[:, rows])
+            if t == last:
+                stop.fill_(True)
+            if skip:                            # halted (B, n) so far: frozen from the next step on
+                self._frozen = stop.view(B, n) if self._frozen is None else self._frozen | stop.view(B, n)
+                stop = self._frozen[:, rows].reshape(N)
+            newly = stop if halted is None else stop & ~halted
+            chosen = newly.nonzero().squeeze(1)                  # only these tokens need step t's logits
             if len(chosen):
-                logits = self._lm_head(y_t if every else y_t[chosen])
-                if out is None and every:
+                y_rows = y_t[:, rows].reshape(N, -1)
+                logits = self._lm_head(y_rows if len(chosen) == N else y_rows[chosen])
+                if len(chosen) == N:
                     out = logits
                 else:
-                    out = logits.new_empty(B * m, logits.shape[-1]) if out is None else out
+                    out = logits.new_empty(N, logits.shape[-1]) if out is None else out
                     out.index_copy_(0, chosen, logits)
-            used = torch.where(newly, t, used)
-            halted |= newly
+                n_chosen += len(chosen)
+            used = torch.where(newly, t, -1) if used is None else torch.where(newly, t, used)
+            halted = newly if halted is None else halted | newly
+            if skip and t < last and (n_chosen == N if m == n else bool(self._frozen.all())):
+                self._freeze_later_steps(t, start, end)
+                break
+        if used is None:
+            used = torch.full((N,), last, dtype=torch.long, device=idx.device)
         self.length = end
-        return DecodeOutput(out.view(B, m, -1), used + 1)
+        return DecodeOutput(out.view(B, m, -1), used.view(B, m) + 1, t + 1)
+
+    def _gate(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """model.gate's blended output (without its entropy): m' + g (y' - m'), y' and m' the RMS-normalised
+        paths, g = sigmoid(down(silu(up([y'; m'])))) with up split into its y and m columns."""
+        w = self._gate_weights
+        shape = y.shape
+        y, m = y.reshape(-1, shape[-1]), m.reshape(-1, shape[-1])
+        y = y * _inv_rms(y, w.d_eps) * w.gain_y
+        m = m * _inv_rms(m, w.d_eps) * w.gain_m
+        g = torch.sigmoid(torch.mm(F.silu(torch.addmm(torch.mm(y, w.up_y_t), m, w.up_m_t)), w.down_t))
+        return torch.lerp(m, y, g).view(shape)
+
+    def _halts(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) latents -> (B * n,) halting decisions: sigmoid(act(z)) > act.halt_thresh."""
+        act = self.model.trm.act
+        return torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > self._halt_thresh
 
     def _lm_head(self, y: torch.Tensor) -> torch.Tensor:
         """model.lm_head of rows y (N, d), with the transposed weight."""
-        return torch.mm(_rms_scaled(y, self.model.head_norm.eps), self._head_t)
+        return torch.mm(y, self._head_t).mul_(_inv_rms(y, self._head_d_eps))
+
+    def _freeze_later_steps(self, t: int, start: int, end: int) -> None:
+        """Every new token halted by outer step t: the caches of the later steps' attention calls get, at the
+        new positions, the keys and values of the same call in step t (skip_halted's frozen tokens)."""
+        first = len(self.model.blocks) + t * self._per_step
+        for slot in range(first + self._per_step, self._n_calls):
+            self._kv[slot][:, :, :, start:end] = self._kv[first + (slot - first) % self._per_step][:, :, :, start:end]
 
     # ------------------------------------------------------------------------------------------ pieces
     def _outer_steps(self, x, freqs, lo, end, mask):
@@ -197,30 +300,33 @@ class IncrementalDecoder:
         net = self.model.trm.net
         for block in net.blocks:
             u = self._block(block, u, freqs, lo, end, mask)
-        return _rms_scaled(u, net.norm.eps) * net.norm.weight
+        return u.mul_(_inv_rms(u.view(-1, u.shape[-1]), self._refiner_d_eps).view(*u.shape[:-1], 1)).mul_(
+            self._refiner_gain)
 
     def _block(self, block: Block, x: torch.Tensor, freqs, lo: int, end: int, mask) -> torch.Tensor:
-        """x (B, n, d) -> the block's output at the new positions; appends its K, V to this call's cache."""
+        """x (B, n, d) -> the block's output at the new positions; writes its K, V into this call's cache."""
         w = self._weights[id(block)]
         B, n, d = x.shape
         H, hd = self._heads, self._head_dim
         x = x.view(B * n, d)
-        qkv = torch.mm(_rms_scaled(x, w.eps), w.qkv_t).view(B, n, 3, H, hd)
-        qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (hd // 2, 2)))   # (B, n, 2, H, hd/2)
-        qk = torch.view_as_real(qk * freqs).flatten(-2)                           # rotated, pair order
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-        slot, self._slot = self._slot, self._slot + 1
-        if slot == len(self._kv):
-            shape = (B, H, self._capacity, hd)
-            self._kv.append((x.new_empty(shape), x.new_empty(shape)))
-        k_cache, v_cache = self._kv[slot]
-        k_cache.narrow(2, end - n, n).copy_(k)
-        v_cache.narrow(2, end - n, n).copy_(v)
-        att = F.scaled_dot_product_attention(q, k_cache.narrow(2, lo, end - lo), v_cache.narrow(2, lo, end - lo),
-                                             attn_mask=mask)
-        x = torch.addmm(x, att.transpose(1, 2).reshape(B * n, d), w.o_t)                    # x + o_proj(att)
-        gate, up = torch.mm(_rms_scaled(x, w.eps), w.gate_up_t).chunk(2, dim=-1)
-        return torch.addmm(x, F.silu(gate) * up, w.down_t).view(B, n, d)              # x + ffn(...)
+        qkv = torch.mm(x, w.qkv_t).mul_(_inv_rms(x, w.d_eps))
+        # (B, 3, H, n, hd / 2) complex: a view for one token, a strided view of the (B, n, 3, H, hd) layout else
+        qkv = qkv.view(B, 3, H, 1, hd // 2, 2) if n == 1 else qkv.view(B, n, 3, H, hd // 2, 2).permute(0, 2, 3, 1, 4, 5)
+        qkv = torch.view_as_real(torch.view_as_complex(qkv) * freqs).flatten(-2)    # q, k rotated (pair order)
+        kv = self._kv[self._slot]
+        if self._frozen is not None:          # skip_halted: halted tokens keep the keys of the previous step's call
+            new = torch.where(self._frozen.view(B, 1, 1, n, 1),
+                              self._kv[self._slot - self._per_step].narrow(3, end - n, n), qkv[:, 1:])
+        else:
+            new = qkv[:, 1:]
+        self._slot += 1
+        kv.narrow(3, end - n, n).copy_(new)
+        kv = kv.narrow(3, lo, end - lo)
+        att = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0], kv[:, 1], attn_mask=mask)     # (B, H, n, hd)
+        att = att.view(B, d) if n == 1 else att.transpose(1, 2).reshape(B * n, d)
+        x = torch.addmm(x, att, w.o_t)                                                          # x + o_proj(att)
+        gate, up = torch.mm(x, w.gate_up_t).mul_(_inv_rms(x, w.d_eps)).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate).mul_(up), w.down_t).view(B, n, d)          # x + ffn(...)
 
     def _read_and_write_memory(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """Memory path of the new positions (NeuralMemory.step: the same math as its forward)."""

@@ -52,11 +52,14 @@ def load_run_model(run_path: Path, step: int | None = None):
 
 def sample_run(run_path: Path, *, step: int | None, prompt: str, n: int, max_tokens: int | None,
                temperature: float | None, top_k: int | None, seed: int, full_depth: bool,
-               cached: bool = True) -> RunSamples:
+               cached: bool = True, skip_halted: bool = False) -> RunSamples:
     """n samples continuing `prompt` (after an eos: documents start after one in training). Unset sampling
-    settings come from the run's [probes] section."""
+    settings come from the run's [probes] section. skip_halted: halted tokens skip the later outer steps (an
+    approximation of the model, forge.model.decode)."""
     import torch
 
+    if skip_halted and not cached:
+        raise ForgeError("--skip-halted needs the cached decoder: drop --no-cache")
     from forge.probes.sampling import generate
 
     spec, model, tokenizer, used_step = load_run_model(run_path, step)
@@ -66,6 +69,6 @@ def sample_run(run_path: Path, *, step: int | None, prompt: str, n: int, max_tok
     gen = generate(model, prompts, max_tokens or probes.sample_new_tokens,
                    temperature=probes.sample_temperature if temperature is None else temperature,
                    top_k=probes.sample_top_k if top_k is None else top_k, seed=seed, eos_id=tokenizer.eos_id,
-                   halt=not full_depth, cached=cached)
+                   halt=not full_depth, cached=cached, skip_halted=skip_halted)
     return RunSamples(run_path.name, used_step, prompt, [tokenizer.decode(t) for t in gen.tokens], gen.avg_steps,
                       model.n_steps, gen.tokens_per_sec, cached)

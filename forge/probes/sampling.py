@@ -3,8 +3,9 @@ at inference (or full depth), incremental (cached, forge.model.decode) or by a w
 
 Both paths give the same tokens: the cached decoder reproduces the forward's logits (tested), and the same
 generator draws the same numbers from the same distribution. Several samples (forge sample --n) run as one
-batch; after the prefill the cached path runs on one thread (a token's operations are too small to split). A dedicated torch.Generator keeps sampling out
-of the global RNG, so sampling during training never changes the run.
+batch; after the prefill the cached path runs on one thread (a token's operations are too small to split). A
+dedicated torch.Generator keeps sampling out of the global RNG, so sampling during training never changes the
+run.
 """
 from __future__ import annotations
 
@@ -32,14 +33,22 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, generator: t
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # torch.multinomial's one-sample draw (argmax of p / q, q ~ Exp(1) from the generator: the Gumbel-max
+    # trick), written out: the same numbers from the same generator, without multinomial's input check, whose
+    # host sync every token would pay
+    q = torch.empty_like(logits).exponential_(1, generator=generator)
+    return logits.softmax(-1).div_(q).argmax(-1)
 
 
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float, top_k: int, seed: int,
-             eos_id: int | None = None, halt: bool = True, cached: bool = True) -> Generation:
+             eos_id: int | None = None, halt: bool = True, cached: bool = True,
+             skip_halted: bool = False) -> Generation:
     """Continue every row of `prompts` (B, P) by up to max_new_tokens tokens; a row stops at eos (generation
-    stops when every row has). halt=False forces full depth. Leaves the model's train/eval mode as it was."""
+    stops when every row has). halt=False forces full depth. skip_halted (cached only): halted tokens are
+    frozen and skip the later outer steps, an approximation of the model (forge.model.decode) that is
+    faster where tokens halt early; off, the tokens are the full model's. Leaves the model's train/eval mode as
+    it was."""
     was_training = model.training
     model.eval()
     device = prompts.device
@@ -48,7 +57,10 @@ def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: 
     seq = prompts
     out, steps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    decoder = IncrementalDecoder(model, B, capacity=prompts.shape[1] + max_new_tokens) if cached else None
+    if skip_halted and not cached:
+        raise ValueError("skip_halted needs the cached decoder")
+    decoder = IncrementalDecoder(model, B, capacity=prompts.shape[1] + max_new_tokens,
+                                 skip_halted=skip_halted) if cached else None
     threads = torch.get_num_threads()
     start = time.perf_counter()
     try:
@@ -70,7 +82,7 @@ def generate(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: 
             if eos_id is not None:
                 token = torch.where(done, eos_id, token)
             out.append(token)
-            steps.append(torch.where(done, 0, used))
+            steps.append(used if eos_id is None else torch.where(done, 0, used))
             if eos_id is not None:
                 done |= token == eos_id
             feed = token[:, None]

@@ -145,3 +145,18 @@ def test_observe_sees_every_gate_value_of_a_forward(tiny):
         model(idx)
     assert seen.rows == idx.numel() and seen.values == idx.numel() * spec.model.d_model
     assert model.gate.stats is None
+
+
+def test_catalogue_and_report_name_the_probes_per_source():
+    from forge.metrics.catalogue import load_catalogue
+    from forge.report.criteria import RunRecord
+    from forge.report.probes import probe_rows
+
+    catalogue = load_catalogue()
+    for name in ("valid/memory_contribution_bpb", "valid/recursion_gain_bpb"):
+        assert catalogue.entry(f"{name}/tinystories").name == f"{name}/{{source}}"   # not valid/{source}/{stat}
+    record = {"step": 50, "valid/memory_contribution_bpb": 0.01, "valid/memory_contribution_bpb/tinystories": 0.02,
+              "valid/recursion_gain_bpb": 0.03, "valid/gate/token_spread": 0.1}
+    rows = {m: (why, values) for m, why, values in probe_rows(RunRecord(None, [record], {}, {}, {}, []))}
+    assert rows["valid/memory_contribution_bpb/tinystories"] == ("C1 memory, tinystories", [0.02])
+    assert rows["valid/recursion_gain_bpb"][1] == [0.03] and "valid/gate/decided_share" not in rows

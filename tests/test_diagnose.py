@@ -3,6 +3,7 @@ patches (recorded, never edits; relative paths; no duplicates; the top finding o
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -289,6 +290,30 @@ def test_success_criteria_fail_where_they_should_and_never_pass_without_evidence
     assert _criteria(evals, phase1)["F1-training-speed"].status == "n/a"               # a GPU target, on CPU
     none = _criteria([{"step": 10, "loss/total": 3.0}])
     assert all(c.status == "n/a" and c.note.startswith(("no evidence", "does not apply")) for c in none.values())
+
+
+def test_contribution_criteria_fail_on_an_undecided_gate_and_never_pass_without_the_probes():
+    """The gate rows read discrimination, not the mean: g = 0.5 everywhere (entropy ln 2, y usage 0.5) used to
+    pass "entropy > 0.5" and "y usage 0.3-0.7"; it fails now, as do a memory and a recursion that earn nothing."""
+    from test_diagnose_tree import probes
+
+    ids = ("C1-memory-contribution", "C1-gate-discrimination", "C2-recursion-gain")
+    good = _criteria(H)
+    assert [good[i].status for i in ids] == ["pass"] * 3
+    assert good["C1-memory-contribution"].measured == 0.05
+    undecided = _criteria(probes(with_(H, gate__entropy=lambda i: math.log(2), gate__y_usage=lambda i: 0.5),
+                                 valid__gate__token_spread=lambda i: 0.0, valid__gate__decided_share=lambda i: 0.0))
+    assert undecided["C1-gate-discrimination"].status == "fail"
+    idle = _criteria(probes(H, valid__memory_contribution_bpb=lambda i: 0.0, valid__recursion_gain_bpb=lambda i: -0.01))
+    assert idle["C1-memory-contribution"].status == "fail" and idle["C2-recursion-gain"].status == "fail"
+    bare = _criteria([{k: v for k, v in r.items() if not k.startswith(("valid/memory", "valid/rec", "valid/gate"))}
+                      for r in H])
+    assert all(bare[i].status == "n/a" and bare[i].note.startswith("no evidence") for i in ids), bare
+    plain = json.loads(json.dumps(TINY))
+    plain["model"]["memory"]["enabled"] = plain["model"]["trm"]["enabled"] = False
+    absent = _criteria(H, plain)
+    assert all(absent[i].status == "n/a" and absent[i].note.startswith("does not apply") for i in ids)
+    assert absent["C1-act-avg-steps"].status == "n/a"          # no recursion: no halting to judge
 
 
 def test_report_reads_nulls_and_a_bad_line(run_cli, tmp_path):

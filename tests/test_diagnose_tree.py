@@ -38,7 +38,24 @@ def healthy(n: int = 30, every: int = 10, seed: int = 0) -> list[dict]:
             "perf/tokens_per_sec": 3000 + rng.gauss(0, 50), "perf/checkpoint_fraction": 0.01,
             "perf/peak_memory_gb": 0.7, "config/param_count": 815_000, "data/seq_len": 128,
             "attn/rope_norm": 1.3 + 0.01 * i, "optim/nonfinite_count": 0,
-            "run/invalid_checkpoints": 0, "valid/perplexity": 300 - i * 5, "merge/fitness": 1.02})
+            "run/invalid_checkpoints": 0, "valid/perplexity": 300 - i * 5, "merge/fitness": 1.02,
+            "memory/step_size": 0.5 + rng.gauss(0, 0.005)})
+        if step % 50 == 0:   # the evaluation's contribution probes (every train.eval_every = 50 steps)
+            out[-1].update({"valid/bits_per_byte": 3.0 - 0.02 * i, "valid/memory_contribution_bpb": 0.05,
+                            "valid/recursion_gain_bpb": 0.04, "valid/gate/token_spread": 0.12,
+                            "valid/gate/decided_share": 0.08})
+    return out
+
+
+def probes(records, **series) -> list[dict]:
+    """with_, on the records that carry the evaluation's probes only."""
+    out = []
+    for i, r in enumerate(records):
+        r = dict(r)
+        if "valid/bits_per_byte" in r:
+            for name, fn in series.items():
+                r[name.replace("__", "/")] = fn(i)
+        out.append(r)
     return out
 
 
@@ -123,6 +140,23 @@ CASES: dict[str, tuple] = {
     "C1 m 0.08": (with_(H, gate__m_usage=lambda i: 0.08, gate__y_usage=lambda i: 0.65), "C1-gate-memory-collapse"),
     "C1 m fading to 0.15": (with_(H, gate__m_usage=lambda i: 0.5 - 0.35 * i / 29), "C1-gate-memory-fading"),
     "C1 m fading to 0.17": (with_(H, gate__m_usage=lambda i: 0.45 - 0.28 * i / 29), "C1-gate-memory-fading"),
+    # --- a part that earns nothing (contribution probes)
+    "C1 memory unused": (probes(H, valid__memory_contribution_bpb=lambda i: 0.001), "C1-memory-unused"),
+    "C1 memory hurts": (probes(H, valid__memory_contribution_bpb=lambda i: -0.02), "C1-memory-unused"),
+    "C1 memory write collapses, gate undecided": (
+        probes(with_(H, memory__step_size=lambda i: 0.5 * 0.9 ** i), valid__gate__token_spread=lambda i: 0.004,
+               valid__gate__decided_share=lambda i: 0.0), "C1-memory-write-collapse"),
+    "C1 memory write 0.5 -> 0.086, gate undecided": (
+        probes(with_(H, memory__step_size=lambda i: 0.5 - 0.414 * i / 29), valid__gate__token_spread=lambda i: 0.01),
+        "C1-memory-write-collapse"),
+    "C2 recursion wasted": (probes(H, valid__recursion_gain_bpb=lambda i: 0.0005), "C2-recursion-wasted"),
+    "C2 recursion hurts held-out": (probes(H, valid__recursion_gain_bpb=lambda i: -0.01), "C2-recursion-wasted"),
+    "near: memory unused early, used at the end": (
+        probes(H, valid__memory_contribution_bpb=lambda i: 0.001 if i < 25 else 0.03), "healthy"),
+    "near: memory write falls, gate decides": (with_(H, memory__step_size=lambda i: 0.5 * 0.9 ** i), "healthy"),
+    "near: gate undecided, memory writes": (probes(H, valid__gate__token_spread=lambda i: 0.004), "healthy"),
+    "no contribution probes": ([{k: v for k, v in r.items() if not k.startswith(("valid/memory", "valid/rec"))}
+                                for r in H], "undecidable"),
     # --- out of memory
     "B1 CUDA OOM": (H[:3], TINY, {"status": "failed", "error": "RuntimeError: CUDA out of memory. Tried to allocate"},
                     "B1-out-of-memory"),

@@ -23,7 +23,7 @@ from forge.metrics.engine import (Condition, Outcome, Records, SpecCondition, al
                                   spec_value)
 from forge.spec.base import Section
 
-PROBLEMS = ("loss-not-decreasing", "act-pathological-halting", "gate-saturation", "out-of-memory",
+PROBLEMS = ("loss-not-decreasing", "act-pathological-halting", "gate-saturation", "part-unused", "out-of-memory",
             "training-too-slow", "instability", "observability", "budget", "merge", "run")
 STATES = ("fired", "undecidable", "clear", "n/a")
 RUN_STATUSES = ("running", "finished", "failed", "interrupted", "stale")

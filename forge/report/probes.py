@@ -19,6 +19,12 @@ PROBE_METRICS = (("valid/reasoning_accuracy", "A1 objective mismatch"),
                  ("eval/attn/entropy", "B2 attention entropy"),
                  ("eval/attn/sink_count", "E2 heads with a sink"),
                  ("eval/sample_avg_steps", "C1 ACT steps while sampling"))
+# the contribution probes (forge/train/evaluate.py): what each part earns on held-out data
+CONTRIBUTIONS = (("valid/memory_contribution_bpb", "C1 memory: bits/byte without it - with it"),
+                 ("valid/recursion_gain_bpb", "C2 recursion: bits/byte step 0 - last step"),
+                 ("valid/gate/token_spread", "C1 gate: std of g over tokens"),
+                 ("valid/gate/channel_spread", "C1 gate: std of g over channels"),
+                 ("valid/gate/decided_share", "C1 gate: share of g outside [0.1, 0.9]"))
 HALT_SHARE = re.compile(r"^valid/halt/share_step(\d+)$")
 
 
@@ -28,8 +34,12 @@ def probe_rows(rec: RunRecord) -> list[tuple[str, str, list[float]]]:
     distances = sorted((k for k in keys if k.startswith("eval/position_accuracy/d")),
                        key=lambda k: int(k.rsplit("/d", 1)[1]))
     per_source = sorted(k for k in keys if k.startswith("valid/reasoning_accuracy/"))
+    contributions = []
+    for metric, why in CONTRIBUTIONS:
+        contributions += [(metric, why), *((k, f"{why.split(':')[0]}, {k.rsplit('/', 1)[1]}") for k in sorted(keys)
+                                           if k.startswith(metric + "/"))]
     wanted = [*PROBE_METRICS[:4], *((k, "E1 at distance " + k.rsplit("/d", 1)[1]) for k in distances),
-              *((k, "A1 items of " + k.rsplit("/", 1)[1]) for k in per_source), *PROBE_METRICS[4:]]
+              *((k, "A1 items of " + k.rsplit("/", 1)[1]) for k in per_source), *PROBE_METRICS[4:], *contributions]
     return [(m, why, rec.values(m)) for m, why in wanted if rec.values(m)]
 
 

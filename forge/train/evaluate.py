@@ -1,12 +1,20 @@
 """Evaluation on the held-out split: perplexity and bits-per-byte per source and overall, at full
-depth and under ACT halting; and the Phase 2 merge preview.
+depth and under ACT halting; the contribution probes; and the Phase 2 merge preview.
 
 bits per byte = (next-token NLL in nats summed over targets that stand for text) / (ln 2 * their UTF-8
 bytes); eos targets stand for no bytes and are left out. Unlike perplexity per token (over every
 target, eos included) it does not depend on the tokenizer, so runs with different vocabularies compare.
+
+Contribution probes (what each part of the design earns, on the same held-out batches):
+    valid/memory_contribution_bpb   bits/byte with the memory path removed (gate forced to g = 1) minus the
+                                    full model's, at full depth: positive = the memory helps (one extra forward)
+    valid/recursion_gain_bpb        bits/byte of outer step 0 minus the last step's: positive = recursion helps
+    valid/gate/{token,channel}_spread, valid/gate/decided_share   how the MAG gate discriminates (GateStats)
+Each per source too, and absent (never a stand-in value) where the model has no memory or no recursion.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -16,19 +24,24 @@ import torch
 import torch.nn.functional as F
 
 from forge.errors import ForgeError
+from forge.model.gate import attention_only, observe
 from forge.train import checkpoint as ckpt
 from forge.train.merge import merge_state_dicts
 
 LN2 = math.log(2)
 
 
+def _new_acc() -> dict[str, Any]:
+    return {"nll": 0.0, "text_nll": 0.0, "tokens": 0, "bytes": 0, "steps": 0.0}
+
+
 @torch.no_grad()
 def _nll(model, data, device, halt: bool) -> dict[str, dict[str, float]]:
-    """Per source: summed NLL (nats) over all targets and over targets that stand for text, target
-    count, UTF-8 bytes, summed outer steps used."""
+    """Under the model's forward (halt=True: the ACT rule). Per source: summed NLL (nats) over all targets and
+    over targets that stand for text, target count, UTF-8 bytes, summed outer steps used, halting histogram."""
     totals = {}
     for name in data.names:
-        acc = {"nll": 0.0, "text_nll": 0.0, "tokens": 0, "bytes": 0, "steps": 0.0}
+        acc = _new_acc()
         for batch in data.eval_batches(name):
             targets = batch.targets.to(device)
             out = model(batch.idx.to(device), targets, halt=halt, return_logits=True)
@@ -47,9 +60,41 @@ def _nll(model, data, device, halt: bool) -> dict[str, dict[str, float]]:
     return totals
 
 
+@torch.no_grad()
+def _nll_full_depth(model, data, device, every_step: bool = True) -> dict[str, dict[str, Any]]:
+    """At full depth (every outer step runs, no halting), from the model's own parts (encode, outer_steps,
+    lm_head: forward's path without halting). Per source as _nll, plus "step_text_nll": the text NLL of each
+    outer step (every_step=False: the last step's only, which is all the memory-ablated pass needs)."""
+    totals = {}
+    for name in data.names:
+        acc = _new_acc()
+        for batch in data.eval_batches(name):
+            idx, targets = batch.idx.to(device), batch.targets.to(device)
+            text = batch.target_bytes.flatten().to(device) > 0   # eos stands for no bytes
+            rope = model.rope(idx.shape[1], device)
+            x = model.encode(idx, rope)[0]
+            step_text, ran = [], 0
+            for t, (y, _) in enumerate(model.outer_steps(x, rope)):
+                ran += 1
+                if not every_step and t < model.n_steps - 1:
+                    continue
+                nats = F.cross_entropy(model.lm_head(y).flatten(0, 1).float(), targets.flatten(), reduction="none")
+                step_text.append(float(nats[text].sum()))
+            n = int(targets.numel())
+            acc["nll"] += float(nats.sum())               # the last step's: the model's output at full depth
+            acc["text_nll"] += step_text[-1]
+            acc["tokens"] += n
+            acc["bytes"] += batch.n_bytes
+            acc["steps"] += ran * n
+            acc["step_text_nll"] = [a + b for a, b in zip(acc.get("step_text_nll", [0.0] * len(step_text)),
+                                                          step_text)]
+        totals[name] = acc
+    return totals
+
+
 def _summarise(totals: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
     out = {}
-    all_ = {"nll": 0.0, "text_nll": 0.0, "tokens": 0, "bytes": 0, "steps": 0.0}
+    all_ = _new_acc()
     for name, acc in totals.items():
         if not acc["tokens"]:
             continue
@@ -62,6 +107,31 @@ def _summarise(totals: dict[str, dict[str, float]], prefix: str) -> dict[str, fl
         out[f"{prefix}bits_per_byte"] = all_["text_nll"] / (LN2 * all_["bytes"])
         out[f"{prefix}avg_steps"] = all_["steps"] / all_["tokens"]
     return out
+
+
+def _bpb_difference(name: str, totals, nats_a, nats_b) -> dict[str, float]:
+    """valid/{name} and valid/{name}/{source}: (nats_a - nats_b) of each source / (ln 2 * its bytes), overall
+    from the summed nats and bytes. nats_a, nats_b: source -> summed text NLL."""
+    out, diff, n_bytes = {}, 0.0, 0
+    for source, acc in totals.items():
+        if acc["bytes"]:
+            out[f"valid/{name}/{source}"] = (nats_a[source] - nats_b[source]) / (LN2 * acc["bytes"])
+            diff, n_bytes = diff + nats_a[source] - nats_b[source], n_bytes + acc["bytes"]
+    if n_bytes:
+        out[f"valid/{name}"] = diff / (LN2 * n_bytes)
+    return out
+
+
+def recursion_gain(full: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """valid/recursion_gain_bpb(/{source}): bits/byte at outer step 0 minus at the last step."""
+    return _bpb_difference("recursion_gain_bpb", full, {s: a["step_text_nll"][0] for s, a in full.items()},
+                           {s: a["step_text_nll"][-1] for s, a in full.items()})
+
+
+def memory_contribution(full: dict[str, dict[str, Any]], ablated: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """valid/memory_contribution_bpb(/{source}): bits/byte without the memory path minus with it (full depth)."""
+    return _bpb_difference("memory_contribution_bpb", full, {s: a["text_nll"] for s, a in ablated.items()},
+                           {s: a["text_nll"] for s, a in full.items()})
 
 
 def halting_histogram(totals: dict[str, dict], prefix: str) -> dict[str, float]:
@@ -85,13 +155,23 @@ def check_finite_weights(model) -> None:
 
 
 def evaluate(model, data, device) -> dict[str, float]:
-    """valid/* at full depth (every outer step runs) and valid/halt/* under ACT halting, with the halting
-    histogram valid/halt/share_step{t}. NonFiniteWeights if the weights are not finite."""
+    """valid/* at full depth (every outer step runs), valid/halt/* under ACT halting with the halting histogram
+    valid/halt/share_step{t}, and the contribution probes (module docstring). NonFiniteWeights if the weights
+    are not finite."""
     check_finite_weights(model)
     was_training = model.training
     model.eval()
+    gate = model.gate if model.spec.memory.enabled else None
     try:
-        out = _summarise(_nll(model, data, device, halt=False), "valid/")
+        with observe(gate) if gate is not None else contextlib.nullcontext() as gate_stats:
+            full = _nll_full_depth(model, data, device)
+        out = _summarise(full, "valid/")
+        if model.n_steps > 1:
+            out.update(recursion_gain(full))
+        if gate is not None:
+            with attention_only(gate):
+                out.update(memory_contribution(full, _nll_full_depth(model, data, device, every_step=False)))
+            out.update({f"valid/gate/{k}": v for k, v in gate_stats.summary().items()})
         halting = _nll(model, data, device, halt=True)
         out.update(_summarise(halting, "valid/halt/"))
         out.update(halting_histogram(halting, "valid/halt/"))

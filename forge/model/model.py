@@ -26,7 +26,7 @@ from forge.model.memory import NeuralMemory
 from forge.model.norm import RMSNorm
 from forge.model.objective import coherence_loss, diversity_penalty, mean_pairwise_cosine
 from forge.model.rope import RopeTables, rope_tables
-from forge.model.trm import TRM, run_checkpointed
+from forge.model.trm import TRM, FrozenTokens, run_checkpointed
 from forge.model.window import AttentionPattern
 from forge.spec.model import ModelSpec
 from forge.spec.objective import ObjectiveSpec
@@ -109,12 +109,20 @@ class CognateModel(nn.Module):
         metrics.update({"gate/entropy": gate_entropy.detach(), "gate/y_usage": usage, "gate/m_usage": 1 - usage})
         return x, metrics, gate_entropy
 
-    def outer_steps(self, x: torch.Tensor, rope: RopeTables) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def outer_steps(self, x: torch.Tensor, rope: RopeTables,
+                    frozen: Optional[FrozenTokens] = None) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """(y_t, z_t) per outer step; without TRM one step (x, None)."""
         if self.trm is None:
             yield x, None
         else:
-            yield from self.trm.steps(x, rope)
+            yield from self.trm.steps(x, rope, frozen)
+
+    def _freezes_halted(self, halt: bool) -> bool:
+        """act.freeze_halted applies to halting evaluation without gradient, and not while an attention module
+        records scores over every pair (QK-clip's max logit, stats, captures, the entropy regulariser)."""
+        observed = any(a.track_max_logit or a.collect_stats or a.capture or a.entropy_grad for a in self._attention)
+        return (halt and self.trm is not None and self.spec.act.freeze_halted and not torch.is_grad_enabled()
+                and not observed)
 
     def lm_head(self, y: torch.Tensor) -> torch.Tensor:
         return F.linear(self.head_norm(y), self.tok_emb.weight)
@@ -130,7 +138,10 @@ class CognateModel(nn.Module):
                 halt: bool = False, return_logits: bool = False) -> ModelOutput:
         """idx, targets (B, T) long (targets may hold IGNORE_INDEX). halt=True (evaluation): each token uses
         the first outer step whose halting probability exceeds act.halt_thresh (else the last), and the
-        remaining steps are skipped once every token has halted."""
+        remaining steps are skipped once every token has halted; with act.freeze_halted (and no gradient) a
+        halted token's state is frozen and later steps refine only the running tokens (forge/model/trm.py).
+        Under halting, act/compute_share = refiner token-applications run / t_max * (1 + micro_steps) * B * T
+        and act/halted_early_share = share of tokens halting before the last step."""
         B, T = idx.shape
         attn_entropy_reg = targets is not None and self.objective.attention_entropy > 0
         for attn in self._attention:
@@ -150,9 +161,10 @@ class CognateModel(nn.Module):
             n_valid = (all_reduce_sum(valid.sum()) / world_size() if dp else valid.sum()).clamp_min(1)
         halted = torch.zeros(B, T, dtype=torch.bool, device=idx.device)
         used_step = torch.full((B, T), last, dtype=torch.long, device=idx.device)
+        frozen = FrozenTokens(B, T, idx.device) if self._freezes_halted(halt) else None
         out_logits = out_ce = None
         weighted_ce, ce_per_step, accuracy, act_terms = [], [], [], []
-        for t, (y, z) in enumerate(self.outer_steps(x, rope)):
+        for t, (y, z) in enumerate(self.outer_steps(x, rope, frozen)):
             # logits where they are returned: without targets the last step's (with halting every step's). On CPU
             # a loss whose logits are not returned comes from the fused, chunked head (forge.model.loss: no
             # vocabulary-wide tensor kept for the backward; 0.95x the phase1 step). On an H100 it costs 1.55x the
@@ -163,13 +175,15 @@ class CognateModel(nn.Module):
             if z is None:
                 stop = torch.ones_like(halted)
             else:
-                halt_logits = self.trm.act(z)
+                halt_logits = self.trm.act(y if self.spec.act.head_input == "answer" else z)
                 halt_prob = torch.sigmoid(halt_logits.detach())
                 metrics[f"act/halt_prob_step{t}"] = halt_prob.mean()
                 stop = (halt_prob > self.spec.act.halt_thresh) | (t == last)
             newly = stop & ~halted
             used_step = torch.where(newly, t, used_step)
             halted = halted | newly
+            if frozen is not None:
+                frozen.running = ~halted          # a new tensor: the next step gathers its running rows
             take = newly if halt else torch.full_like(halted, t == last)   # whose output this step provides
             if targets is not None:
                 if fused:
@@ -187,7 +201,7 @@ class CognateModel(nn.Module):
                 correct = (predicted == targets) & valid
                 accuracy.append(correct.sum() / n_valid)
                 if z is not None:
-                    act_terms.append(halting_loss(halt_logits, correct, valid, n_valid))
+                    act_terms.append(halting_loss(halt_logits, self.trm.act.target(correct, t), valid, n_valid))
                 out_ce = ce_tokens.detach() if out_ce is None else torch.where(take, ce_tokens.detach(), out_ce)
             if keep_logits and (halt or t == last):
                 out_logits = logits if out_logits is None else torch.where(take[..., None], logits, out_logits)
@@ -197,6 +211,11 @@ class CognateModel(nn.Module):
 
         if self.trm is not None:
             metrics["act/avg_steps"] = (used_step + 1).float().mean()
+            if halt:                         # the work the halting rule saved in the refiner (C1)
+                per_step = (1 + self.trm.micro_steps) * B * T
+                applied = frozen.applied if frozen is not None else (t + 1) * per_step   # t: the last step run
+                metrics["act/compute_share"] = torch.tensor(applied / (self.n_steps * per_step))
+                metrics["act/halted_early_share"] = (used_step < last).float().mean()
             for t in range(self.n_steps):    # the halting histogram (C1): share of tokens that stop at step t
                 metrics[f"act/halt_share_step{t}"] = (used_step == t).float().mean()
             if self.training and len(accuracy) == self.n_steps:   # the EMA of the global batch's accuracy

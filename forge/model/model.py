@@ -3,7 +3,7 @@
     tokens -> embedding h0 -+-> n_layers attention blocks -> y --+
                             +-> long-term memory (LMM) ---> m --+-> MAG gate -> x
     x -> TRM outer steps t = 0..t_max-1 -> y_t -> logits_t = lm_head(norm(y_t))   (deep supervision)
-                                        -> z_t -> halting logit (ACT)
+                                        -> z_t (act.head_input) -> halting logit (ACT)
 
 See docs/architecture.md for the whole picture and forge/model/*.py for each part.
 """

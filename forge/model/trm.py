@@ -23,7 +23,9 @@ within an outer step (micro_steps latent refinements, then the answer update). A
     pattern's mask, to that mixture. Halted tokens' y and z stay as at their halting step.
 A token's state therefore depends on earlier positions only (a halting decision is itself causal): the
 computation stays causal. Outputs of running tokens differ from the full computation, in which halted tokens
-keep being refined. `applied` counts the token-applications of f that ran (act/compute_share).
+keep being refined. `applied` counts the token-applications of f that ran (act/compute_share). The forward
+falls back to the full computation while an attention module records scores over every pair (QK-clip's max
+logit, attention stats or captures, the entropy regulariser); compute_share then says so (1.0).
 """
 from __future__ import annotations
 

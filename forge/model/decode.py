@@ -175,7 +175,8 @@ class IncrementalDecoder:
                 if t == last:
                     out = self._lm_head(y_t)
                 continue
-            stop = (torch.sigmoid(model.trm.act(z_t[:, rows])) > model.spec.act.halt_thresh) | (t == last)
+            state = y_t.view(B, m, -1) if model.spec.act.head_input == "answer" else z_t[:, rows]
+            stop = (torch.sigmoid(model.trm.act(state)) > model.spec.act.halt_thresh) | (t == last)
             newly = stop & ~halted
             chosen = newly.flatten().nonzero().squeeze(1)          # only these tokens need step t's logits
             every = len(chosen) == B * m                          # every token halts here (or it is the last)
@@ -202,7 +203,7 @@ class IncrementalDecoder:
         if trm is None:
             yield x, None
             return
-        y, z = x, torch.zeros_like(x)
+        y, z = trm.initial_states(x)
         for _ in range(trm.t_max):
             for _ in range(trm.micro_steps):
                 z = self._refine(x + y + z, freqs, lo, end, mask)

@@ -25,7 +25,8 @@ A token's state therefore depends on earlier positions only (a halting decision 
 computation stays causal. Outputs of running tokens differ from the full computation, in which halted tokens
 keep being refined. `applied` counts the token-applications of f that ran (act/compute_share). The forward
 falls back to the full computation while an attention module records scores over every pair (QK-clip's max
-logit, attention stats or captures, the entropy regulariser); compute_share then says so (1.0).
+logit, attention stats or captures, the entropy regulariser); compute_share then counts every token of every
+step run.
 """
 from __future__ import annotations
 

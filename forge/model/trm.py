@@ -97,11 +97,12 @@ class Rows:
         return full if self.all else full[self.b, self.p]
 
     def scatter(self, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Running rows written into `full` (in place, no gradient); halted rows keep their values."""
+        """A copy of `full` (B, T, ...) with the running rows replaced: halted rows keep their values."""
         if self.all:
             return rows
-        full[self.b, self.p] = rows
-        return full
+        out = full.clone()
+        out[self.b, self.p] = rows
+        return out
 
 
 def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
@@ -222,13 +223,12 @@ class TRM(nn.Module):
         if torch.is_grad_enabled():
             raise RuntimeError("frozen halted tokens (act.freeze_halted) are an evaluation mode: run under "
                                "torch.no_grad()")
-        y, z = (s.contiguous() for s in self.initial_states(x))
+        y, z = self.initial_states(x)
         for t in range(self.t_max):
             rows = frozen.rows(self.net.blocks[0].attn.pattern)
             xr, yr, zr = rows.gather(x), rows.gather(y), rows.gather(z)
             for i in range(self.micro_steps):
                 zr = self.net.forward_rows(xr + yr + zr, rope, frozen, i)
             yr = self.net.forward_rows(yr + zr, rope, frozen, self.micro_steps)
-            # halted rows keep their state; at the first step every row runs and the states are replaced
-            y, z = rows.scatter(y.clone(), yr), rows.scatter(z.clone(), zr)
+            y, z = rows.scatter(y, yr), rows.scatter(z, zr)
             yield y, z

@@ -14,7 +14,7 @@ timed back to back in the same round (a paired ratio: background load on a share
 alike); ratio = measured / ideal (target >= 0.7). The fastest round of each case is recorded too.
 
     .venv/bin/python benchmarks/bench_act_compute.py [--spec tiny.toml] [--batch 8] [--seq 128]
-        [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--quick]      # results/act_compute_<spec>.json
+        [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--refiner-only] [--quick]      # results/act_compute_<spec>.json
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--shares", default="0.25,0.5,0.75,0.9")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--refiner-only", action="store_true", help="time the refiner only, not the whole forward")
     parser.add_argument("--quick", action="store_true", help="2 rounds, batch 2, two shares")
     args = parser.parse_args()
     if args.quick:
@@ -91,18 +92,19 @@ def main() -> None:
             frozen_used = outer_steps(models["frozen"], x, rope, probe := FrozenTokens(*idx.shape, idx.device))
             per_app = idx.numel() * (1 + models["frozen"].trm.micro_steps)
             compute_share = probe.applied / (models["frozen"].trm.t_max * per_app)
-            times = interleaved({
-                "refiner_full": lambda: outer_steps(models["full"], x, rope, None),
-                "refiner_frozen": lambda: outer_steps(models["frozen"], x, rope, FrozenTokens(*idx.shape, idx.device)),
-                "forward_full": lambda: models["full"](idx, halt=True),
-                "forward_frozen": lambda: models["frozen"](idx, halt=True),
-            }, args.rounds)
+            cases = {"refiner_full": lambda: outer_steps(models["full"], x, rope, None),
+                     "refiner_frozen": lambda: outer_steps(models["frozen"], x, rope,
+                                                           FrozenTokens(*idx.shape, idx.device))}
+            if not args.refiner_only:
+                cases.update({"forward_full": lambda: models["full"](idx, halt=True),
+                              "forward_frozen": lambda: models["frozen"](idx, halt=True)})
+            times = interleaved(cases, args.rounds)
             med = {k: statistics.median(v) for k, v in times.items()}
             best = {k: min(v) for k, v in times.items()}
             ideal = 1 - compute_share
             measured, forward_saving = (statistics.median(1 - f / a for f, a in zip(times[f"{part}_frozen"],
                                                                                       times[f"{part}_full"]))
-                                        for part in ("refiner", "forward"))
+                                        if f"{part}_full" in times else None for part in ("refiner", "forward"))
             fig = {"target_share_step0": share, "halted_early_share": float((frozen_used < models["frozen"].trm.t_max - 1)
                                                                             .float().mean()),
                    "compute_share": compute_share, "ideal_saving": ideal, "refiner_saving": measured,
@@ -114,7 +116,8 @@ def main() -> None:
             figures.append(fig)
             rows.append([f"{fig['halted_early_share']:.2f}", f"{compute_share:.3f}", f"{ideal:.3f}",
                          f"{best['refiner_full'] * 1e3:.1f}", f"{best['refiner_frozen'] * 1e3:.1f}", f"{measured:.3f}",
-                         f"{fig['ratio']:.2f}" if fig["ratio"] is not None else "-", f"{forward_saving:.3f}"])
+                         f"{fig['ratio']:.2f}" if fig["ratio"] is not None else "-",
+                         "-" if forward_saving is None else f"{forward_saving:.3f}"])
     print(table(["halted early", "compute share", "ideal saving", "refiner full ms", "refiner frozen ms",
                  "refiner saving", "ratio", "whole-forward saving"], rows))
     name = f"act_compute_{args.spec.removesuffix('.toml')}" + ("_quick" if args.quick else "")

@@ -32,7 +32,7 @@ HALT_INIT_BIAS = -5.0
 
 
 class HaltingHead(nn.Module):
-    def __init__(self, d_model: int, t_max: int, ema_teacher: float, ema_gain_tol: Optional[float] = None):
+    def __init__(self, d_model: int, t_max: int, ema_teacher: float, ema_gain_tol: Optional[float]):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(d_model))       # 1-D: routed to AdamW
         self.bias = nn.Parameter(torch.full((1,), HALT_INIT_BIAS))

@@ -73,9 +73,10 @@ class TRMSpec(Section):
         "values are the same as with all."))
     learned_init: bool = Field(False, description=(
         "Initial states of the recursion. false: y_0 = x (the backbone output), z_0 = 0. true: y_0 and z_0 are "
-        "two learned d_model vectors (1-D parameters trm.y_init, trm.z_init, initialised N(0, 1) like the "
-        "reference's H_init / L_init), the same for every token and sequence; x then enters only through the "
-        "latent refinement z <- f(x + y + z), as in the TRM reference."))
+        "two learned d_model vectors (1-D parameters trm.y_init, trm.z_init, initialised N(0, 1)), the same for "
+        "every token and sequence; x then enters only through the latent refinement z <- f(x + y + z), as in "
+        "the TRM reference. The reference's H_init / L_init are such vectors but fixed (std-1 buffers); here "
+        "they learn."))
 
     @model_validator(mode="after")
     def check_learned_init(self) -> "TRMSpec":

@@ -64,18 +64,19 @@ class FrozenTokens:
         self.applied = 0          # token-applications of f run (each of the 1 + micro_steps per outer step)
         self._rows: Optional[Rows] = None
 
-    def rows(self, pattern: AttentionPattern) -> "Rows":
+    def rows(self, pattern: AttentionPattern, rope: RopeTables) -> "Rows":
         """The running rows of the current outer step (recomputed when `running` changed)."""
         if self._rows is None or self._rows.running is not self.running:
-            self._rows = Rows(self.running, pattern)
+            self._rows = Rows(self.running, pattern, rope)
         return self._rows
 
 
 class Rows:
-    """Running tokens of one outer step: flat (b, p) indices, sorted by sequence, and the per-sequence padded
-    layout their queries attend in: position pos (B, n_max) and mask rows (B, 1, n_max, T)."""
+    """Running tokens of one outer step: flat (b, p) indices, sorted by sequence, the per-sequence padded
+    layout their queries attend in (position pos (B, n_max), mask rows (B, 1, n_max, T)), and their
+    RoPE tables (n, 1, hd), built once per step for every refiner application and layer."""
 
-    def __init__(self, running: torch.Tensor, pattern: AttentionPattern):
+    def __init__(self, running: torch.Tensor, pattern: AttentionPattern, rope: RopeTables):
         B, T = running.shape
         self.running, self.shape = running, (B, T)
         self.all = bool(running.all())
@@ -91,6 +92,7 @@ class Rows:
         self.pos = torch.zeros(B, n_max, dtype=torch.long, device=running.device)
         self.pos[self.b, self.slot] = self.p
         self.mask = pattern.mask(T, running.device)[self.pos].unsqueeze(1)
+        self.rope = tuple(table[self.p].unsqueeze(1) for table in rope)
 
     def gather(self, full: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (n, ...) running rows."""
@@ -121,11 +123,9 @@ def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
         out = layout.merge([F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=p.mask, is_causal=p.mask is None)
                             for p in layout.pieces])
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)
-    cos, sin = rope
-    at = (cos[rows.p].unsqueeze(1), sin[rows.p].unsqueeze(1))            # (n, 1, hd): each row's position
-    q = apply_rope(attn.q_proj(h).view(-1, H, hd), at)
+    q = apply_rope(attn.q_proj(h).view(-1, H, hd), rows.rope)
     K, V = kept
-    K[rows.b, :, rows.p] = apply_rope(attn.k_proj(h).view(-1, H, hd), at)
+    K[rows.b, :, rows.p] = apply_rope(attn.k_proj(h).view(-1, H, hd), rows.rope)
     V[rows.b, :, rows.p] = attn.v_proj(h).view(-1, H, hd)
     B, n_max = rows.pos.shape
     q_pad = q.new_zeros(B, n_max, H, hd)
@@ -151,7 +151,7 @@ class Refiner(nn.Module):
 
     def forward_rows(self, u: torch.Tensor, rope: RopeTables, frozen: FrozenTokens, c: int) -> torch.Tensor:
         """f on the running rows u (n, d) ((B, T, d) when all run), application c of the outer step."""
-        rows = frozen.rows(self.blocks[0].attn.pattern)
+        rows = frozen.rows(self.blocks[0].attn.pattern, rope)
         for layer, block in enumerate(self.blocks):
             out, frozen.kept[c, layer] = attend_rows(block.attn, block.attn_norm(u), rope, rows,
                                                      frozen.kept.get((c, layer)))
@@ -225,7 +225,7 @@ class TRM(nn.Module):
                                "torch.no_grad()")
         y, z = self.initial_states(x)
         for t in range(self.t_max):
-            rows = frozen.rows(self.net.blocks[0].attn.pattern)
+            rows = frozen.rows(self.net.blocks[0].attn.pattern, rope)
             xr, yr, zr = rows.gather(x), rows.gather(y), rows.gather(z)
             for i in range(self.micro_steps):
                 zr = self.net.forward_rows(xr + yr + zr, rope, frozen, i)

@@ -72,45 +72,46 @@ class FrozenTokens:
 
 
 class Rows:
-    """Running tokens of one outer step: flat (b, p) indices, sorted by sequence, the per-sequence padded
-    layout their queries attend in (position pos (B, n_max), mask rows (B, 1, n_max, T)), and their
-    RoPE tables (n, 1, hd), built once per step for every refiner application and layer."""
+    """Running tokens of one outer step: their flat indices into (B * T) rows, sorted by sequence, the
+    per-sequence padded layout their queries attend in (flat indices into (B * n_max) rows, mask rows
+    (B, 1, n_max, T)), and their RoPE tables (n, 1, hd), built once per step for every application and layer."""
 
     def __init__(self, running: torch.Tensor, pattern: AttentionPattern, rope: RopeTables):
         B, T = running.shape
-        self.running, self.shape = running, (B, T)
+        self.running = running
         self.all = bool(running.all())
-        self.b, self.p = running.nonzero(as_tuple=True)
-        self.n = len(self.b)
+        b, p = running.nonzero(as_tuple=True)
+        self.n, self.flat = len(b), b * T + p
         if self.all:
             return
         counts = running.sum(1)
         starts = torch.cumsum(counts, 0) - counts
-        self.slot = torch.arange(self.n, device=running.device) - starts[self.b]   # rank within its sequence
-        n_max = int(counts.max())
+        slot = torch.arange(self.n, device=running.device) - starts[b]            # rank within its sequence
+        self.n_max = int(counts.max())
+        self.padded = b * self.n_max + slot
         # padding rows sit at position 0 (key 0 always visible to them): finite, then dropped
-        self.pos = torch.zeros(B, n_max, dtype=torch.long, device=running.device)
-        self.pos[self.b, self.slot] = self.p
-        self.mask = pattern.mask(T, running.device)[self.pos].unsqueeze(1)
-        self.rope = tuple(table[self.p].unsqueeze(1) for table in rope)
+        pos = torch.zeros(B * self.n_max, dtype=torch.long, device=running.device).index_copy_(0, self.padded, p)
+        self.mask = pattern.mask(T, running.device)[pos.view(B, self.n_max)].unsqueeze(1)
+        self.rope = tuple(table[p].unsqueeze(1) for table in rope)
 
     def gather(self, full: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) -> (n, ...) running rows."""
-        return full if self.all else full[self.b, self.p]
+        """(B, T, d) -> (n, d) running rows."""
+        return full if self.all else full.reshape(-1, full.shape[-1]).index_select(0, self.flat)
 
     def scatter(self, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A copy of `full` (B, T, ...) with the running rows replaced: halted rows keep their values."""
+        """A copy of `full` (B, T, d) with the running rows replaced: halted rows keep their values."""
         if self.all:
             return rows
-        out = full.clone()
-        out[self.b, self.p] = rows
+        out = full.contiguous().clone()
+        out.view(-1, out.shape[-1]).index_copy_(0, self.flat, rows)
         return out
 
 
 def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
                 kept: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, tuple]:
     """Attention output of the running rows h (n, d) (all rows: h is (B, T, d)), against the running tokens'
-    fresh keys/values and the kept ones of halted tokens. Returns the output and the updated K, V."""
+    fresh keys/values and the kept ones of halted tokens. Returns the output and the updated keys, values
+    (B, T, H, hd), token-major so that rows are replaced with one index_copy_."""
     H, hd = attn.n_heads, attn.head_dim
     if rows.all:
         B, T, _ = h.shape
@@ -122,16 +123,16 @@ def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
         layout = attn.pattern.layout(q, k, v)
         out = layout.merge([F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=p.mask, is_causal=p.mask is None)
                             for p in layout.pieces])
-        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)
-    q = apply_rope(attn.q_proj(h).view(-1, H, hd), rows.rope)
+        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k.transpose(1, 2).contiguous(), v.transpose(1, 2))
     K, V = kept
-    K[rows.b, :, rows.p] = apply_rope(attn.k_proj(h).view(-1, H, hd), rows.rope)
-    V[rows.b, :, rows.p] = attn.v_proj(h).view(-1, H, hd)
-    B, n_max = rows.pos.shape
-    q_pad = q.new_zeros(B, n_max, H, hd)
-    q_pad[rows.b, rows.slot] = q
-    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), K, V, attn_mask=rows.mask)   # (B, H, n_max, hd)
-    out = out.transpose(1, 2)[rows.b, rows.slot].reshape(rows.n, H * hd)
+    B, T = K.shape[:2]
+    K.view(B * T, H, hd).index_copy_(0, rows.flat, apply_rope(attn.k_proj(h).view(-1, H, hd), rows.rope))
+    V.view(B * T, H, hd).index_copy_(0, rows.flat, attn.v_proj(h).view(-1, H, hd))
+    q = apply_rope(attn.q_proj(h).view(-1, H, hd), rows.rope)
+    q_pad = q.new_zeros(B * rows.n_max, H, hd).index_copy_(0, rows.padded, q).view(B, rows.n_max, H, hd)
+    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
+                                         attn_mask=rows.mask)                        # (B, H, n_max, hd)
+    out = out.transpose(1, 2).reshape(B * rows.n_max, H * hd).index_select(0, rows.padded)
     return attn.o_proj(out), (K, V)
 
 

@@ -211,7 +211,7 @@ def export(run_id: str = typer.Argument(..., help="Run id."),
                                            help="Directory that holds the runs.")) -> None:
     """Export a checkpoint of RUN_ID as a Hugging Face style folder: model.safetensors (with metadata),
     config.json, tokenizer files with eos/pad, the spec and a model card; load it with forge.model.load_export."""
-    from forge.model.export import write_export
+    from forge.train.export import write_export
     from forge.train.run_dir import RunDir
 
     run = RunDir.open(output_dir, run_id)

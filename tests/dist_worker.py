@@ -58,8 +58,8 @@ def main(out: Path) -> None:
 
     def poison(module, args, output):
         calls["n"] += 1
-        if world.rank == 1 and calls["n"] == 3:
-            output.loss = output.loss * float("nan")
+        if world.rank == 1 and calls["n"] == 3:   # the step's loss is composed from the terms on the global batch
+            output.terms.ce_sums[0] = output.terms.ce_sums[0] * float("nan")
         return output
 
     hook = model.register_forward_hook(poison)

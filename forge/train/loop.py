@@ -2,7 +2,8 @@
 
 One optimizer step:
     for each of grad_accum micro-batches: forward (deep supervision + composite objective; ACT loss
-        weight 0 before act.warmup_steps) -> backward of loss / grad_accum
+        weight 0 before act.warmup_steps) -> the loss on the step's batch and the ACT accuracy EMA
+        (forge.train.objective: the global batch under DDP) -> backward of loss / grad_accum
     optimizer.step(): non-finite check -> Grokfast -> clip -> Muon/AdamW -> finite-weights check (forge.optim)
     qk_clip(model) -> heads clipped                                       (after the update)
     schedule.step(): the lr of the next step
@@ -37,6 +38,7 @@ from forge.train.components import Components, rng_state, set_rng_state
 from forge.train.evaluate import evaluate, merge_preview
 from forge.train.live import LiveView
 from forge.train.metrics_log import MetricsLog
+from forge.train.objective import step_batch, training_loss
 from forge.train.monitors import MonitorSet
 from forge.train.precision import resolve_precision
 from forge.train.run_dir import RunDir
@@ -114,6 +116,7 @@ class Trainer:
         self.run, self.parts, self.live, self.log, self.monitors = run, parts, live, log, monitors
         self.world = world
         self.forward_model = parts.model      # what the training forward calls: the model, or its DDP wrapper
+        self.batch = step_batch(world)        # the batch a step's loss is defined on (forge.train.objective)
         if world.distributed:
             distributed.check_batch_split(self.spec.data.batch_size, self.spec.data.grad_accum, world.size)
             self.forward_model = self._wrap_ddp(parts.model)
@@ -137,7 +140,6 @@ class Trainer:
     def _wrap_ddp(self, model):
         from torch.nn.parallel import DistributedDataParallel
 
-        model.data_parallel = True
         # every parameter gets a gradient every step (the ACT term is added even at weight 0), and the graph
         # changes with logging steps and checkpointing: no unused-parameter search, no static graph. Buffers
         # (the ACT accuracy EMA) are updated identically on every rank from all-reduced inputs, so DDP must
@@ -212,8 +214,10 @@ class Trainer:
             for i, (idx, targets) in enumerate(micro_batches):
                 idx, targets = idx.to(self.parts.device), targets.to(self.parts.device)
                 with self._no_sync(last=i == len(micro_batches) - 1):
-                    out = self.forward_model(idx, targets, act_loss_weight=self.act_loss_weight(step))
-                    (out.loss / len(micro_batches)).backward()
+                    act_loss_weight = self.act_loss_weight(step)
+                    out = self.forward_model(idx, targets, act_loss_weight=act_loss_weight)
+                    loss = training_loss(model, out, act_loss_weight, self.batch)
+                    (loss / len(micro_batches)).backward()
                 n_tokens += targets.numel() * self.world.size
                 for k, v in out.metrics.items():
                     if collect or k.startswith(LOSS_PREFIX):   # losses every step: the logged window mean

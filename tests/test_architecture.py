@@ -24,3 +24,37 @@ def test_the_model_knows_nothing_of_training_or_data_parallelism():
                                                     if m.split(".")[:2] in (["forge", "distributed"], ["forge", "train"]))
                  for p in sorted((FORGE / "model").rglob("*.py"))}
     assert {p: m for p, m in offending.items() if m} == {}
+
+
+def test_cli_train_is_parse_then_run_then_render():
+    """forge.cli.train's body (after its docstring) stays a thin command: at most 20 lines."""
+    tree = ast.parse((FORGE / "cli.py").read_text(encoding="utf-8"))
+    (train,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
+    body = train.body[1:] if isinstance(train.body[0], ast.Expr) else train.body   # the docstring
+    assert body[-1].end_lineno - body[0].lineno + 1 <= 20
+
+
+def test_the_spec_is_parsed_once_per_process(run_cli, tmp_path, monkeypatch):
+    """A new run parses its SPEC once (the checklist, the run directory and the trainer share the result); a
+    resume parses the run's spec.toml once."""
+    from conftest import SPECS
+    from forge.spec import load
+
+    parsed = []
+    real = load.load_spec
+
+    def counting(path, *args, **kwargs):
+        parsed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "load_spec", counting)
+    fast = ["logging.wandb.mode=disabled", "probes.enabled=false", "data.eval.max_batches=1", "logging.every=1",
+            "merge_preview.enabled=false"]
+    code, out, err = run_cli("train", str(SPECS / "tiny.toml"), "--force", "--max-steps", "1", "--run-id", "once",
+                             *[x for a in fast for x in ("--set", a)], cwd=tmp_path)
+    assert code == 0, out + err
+    assert parsed == ["tiny.toml"]
+    parsed.clear()
+    code, out, err = run_cli("train", "--resume", "once", "--max-steps", "2", cwd=tmp_path)
+    assert code == 0, out + err
+    assert parsed == ["spec.toml"]

@@ -58,3 +58,28 @@ def test_the_spec_is_parsed_once_per_process(run_cli, tmp_path, monkeypatch):
     code, out, err = run_cli("train", "--resume", "once", "--max-steps", "2", cwd=tmp_path)
     assert code == 0, out + err
     assert parsed == ["spec.toml"]
+
+
+def test_an_optimizer_name_lives_in_one_registry_entry():
+    """optim.name is read through the registry (OptimSpec.recipe), never compared as a string elsewhere; every
+    entry builds: hidden matrices go to the recipe's optimizer, Grokfast only where the recipe has it."""
+    from forge.model import build_model
+    from forge.optim import build_optimizer
+    from forge.spec.load import load_spec
+    from forge.spec.optim import OPTIMIZERS
+
+    from conftest import SPECS
+
+    def compares_a_name(node: ast.AST) -> bool:
+        sides = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
+        return (any(isinstance(s, ast.Constant) and s.value in OPTIMIZERS for s in sides)
+                and any(isinstance(s, ast.Attribute) and s.attr == "name" for s in sides))
+
+    comparisons = [f"{p.relative_to(FORGE)}:{node.lineno}" for p in sorted(FORGE.rglob("*.py"))
+                   for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))) if compares_a_name(node)]
+    assert comparisons == []
+    for name, recipe in OPTIMIZERS.items():
+        spec = load_spec(SPECS / "tiny.toml", [f"optim.name={name}", "optim.grokfast.enabled=true"]).spec
+        opt = build_optimizer(spec.optim, build_model(spec.model, spec.objective))
+        assert (opt.muon is not None) == (recipe.matrices == "muon"), name
+        assert (opt.grokfast is not None) == recipe.grokfast, name

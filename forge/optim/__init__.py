@@ -11,9 +11,9 @@
 """
 from forge.optim.build import build_optimizer
 from forge.optim.optimizer import MuonGrokfast
-from forge.optim.qk_clip import attention_modules, qk_clip, set_max_logit_tracking
+from forge.optim.qk_clip import clippable_modules, qk_clip, set_max_logit_tracking
 from forge.optim.routing import route_parameters
 from forge.optim.schedule import LrSchedule, build_lr_schedule, lr_factor
 
-__all__ = ["build_optimizer", "build_lr_schedule", "qk_clip", "set_max_logit_tracking", "attention_modules",
+__all__ = ["build_optimizer", "build_lr_schedule", "qk_clip", "set_max_logit_tracking", "clippable_modules",
            "route_parameters", "MuonGrokfast", "LrSchedule", "lr_factor"]

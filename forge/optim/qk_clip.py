@@ -26,15 +26,16 @@ ROUNDING_TOLERANCE = 1e-5  # relative; far below any meaningful overshoot, far a
 PROTOCOL = ("q_proj", "k_proj", "v_proj", "o_proj", "n_heads", "head_dim", "track_max_logit")
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module of `model` that follows the attention protocol (backbone and TRM refiner alike)."""
+def clippable_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of `model` that QK-clip can rescale: those following PROTOCOL (backbone and TRM refiner
+    attention alike; forge.model.attention_modules lists the model's own Attention modules)."""
     return [m for m in model.modules() if all(hasattr(m, name) for name in PROTOCOL)]
 
 
 def set_max_logit_tracking(model: nn.Module, enabled: bool) -> int:
     """Turn max-logit recording on/off in every attention module (on iff QK-clip is enabled: the
     record costs a pass over the attended scores). Returns the number of modules."""
-    modules = attention_modules(model)
+    modules = clippable_modules(model)
     for m in modules:
         m.track_max_logit = enabled
     return len(modules)
@@ -50,7 +51,7 @@ def qk_clip(model: nn.Module, spec: QKClipSpec) -> int:
     """
     if not spec.enabled:
         return 0
-    modules = attention_modules(model)
+    modules = clippable_modules(model)
     if not modules:
         raise RuntimeError("QK-clip is enabled but the model has no attention module with "
                            f"{', '.join(PROTOCOL)}")

@@ -105,11 +105,6 @@ class OptimSpec(Section):
     lr_overrides: list[LrOverride] = Field(default_factory=list, description="Per-parameter lr multipliers.")
     kl_coefficient: Optional[float] = Field(None, ge=0, description="Later phases (distillation): KL weight. "
                                                                     "Validated, unused in Phase 1.")
-
-    @property
-    def recipe(self) -> OptimizerRecipe:
-        """What optim.name builds (the registry OPTIMIZERS)."""
-        return OPTIMIZERS[self.name]
     ste_mode: Optional[bool] = Field(None, description="Later phases (quantisation): straight-through estimator. "
                                                        "Validated, unused in Phase 1.")
 

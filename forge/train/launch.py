@@ -118,7 +118,7 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     from forge.train.components import build_components
     from forge.train.live import LiveView
     from forge.train.loop import Trainer
-    from forge.train.metrics_log import MetricsLog, read_metrics, truncate_after
+    from forge.train.metrics_log import MetricsLog, NullMetricsLog, read_metrics, truncate_after
     from forge.train.monitors import MonitorSet, load_monitors
     from forge.probes.suite import SAMPLES
 
@@ -151,8 +151,8 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
         for line in skipped:
             live.warn(line)
         live.note(f"precision: {parts.precision.describe()}")
-        if main:
-            log = MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
+        log = (MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
+               if main else NullMetricsLog())   # rank 0 alone writes records
         trainer = Trainer(resolved, run, parts, live, log, monitors, world)
         if latest is not None:
             trainer.counters = counters

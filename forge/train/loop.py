@@ -37,7 +37,7 @@ from forge.train import checkpoint as ckpt
 from forge.train.components import Components, rng_state, set_rng_state
 from forge.train.evaluate import evaluate, merge_preview
 from forge.train.live import LiveView
-from forge.train.metrics_log import MetricsLog
+from forge.train.metrics_log import MetricsLog, NullMetricsLog
 from forge.train.objective import step_batch, training_loss
 from forge.train.monitors import MonitorSet
 from forge.train.precision import resolve_precision
@@ -110,10 +110,11 @@ class LossWindow:
 class Trainer:
     def __init__(self, resolved: ResolvedSpec, run: RunDir, parts: Components, live: LiveView,
                  log: MetricsLog | None, monitors: MonitorSet, world: World = SINGLE):
-        """`log` is None on ranks other than 0 (they write nothing)."""
+        """`log` is None (or a NullMetricsLog) on ranks other than 0: they write nothing."""
         self.spec = resolved.spec
         self.spec_hash = resolved.hash
-        self.run, self.parts, self.live, self.log, self.monitors = run, parts, live, log, monitors
+        self.run, self.parts, self.live, self.monitors = run, parts, live, monitors
+        self.log = log or NullMetricsLog()
         self.world = world
         self.forward_model = parts.model      # what the training forward calls: the model, or its DDP wrapper
         self.batch = step_batch(world)        # the batch a step's loss is defined on (forge.train.objective)
@@ -127,9 +128,9 @@ class Trainer:
         self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "checkpoint": 0.0, "window_tokens": 0,
                         "window_time": 0.0, "logged": [0.0, 0], "plain": [0.0, 0]}
         self._flops_by_seq_len: dict[int, float] = {}
-        from forge.optim import attention_modules
+        from forge.optim import clippable_modules
 
-        self._n_heads = max(1, sum(m.n_heads for m in attention_modules(parts.model)))
+        self._n_heads = max(1, sum(m.n_heads for m in clippable_modules(parts.model)))
         # train.precision resolved on the device (forge.train.precision): what _autocast and perf/mfu use
         self.precision = parts.precision or resolve_precision(self.spec.train.precision, parts.device)
         parts.model.set_gradient_checkpointing(self.spec.train.gradient_checkpointing)
@@ -169,8 +170,7 @@ class Trainer:
 
         def write(weights, state):
             path = ckpt.save_checkpoint(self.run.checkpoints, step, weights, state, meta)
-            if self.log is not None:
-                self.log.checkpoint(step, path)    # a W&B artifact when the spec asks
+            self.log.checkpoint(step, path)    # a W&B artifact when the spec asks
             ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
 
         if self._writer is None:
@@ -248,7 +248,7 @@ class Trainer:
         self.loss_window.add({k: v for k, v in metrics.items() if k.startswith(LOSS_PREFIX)})
         if not collect:
             return {}
-        if self.spec.logging.histograms and self.log is not None:
+        if self.spec.logging.histograms:
             self.log.histograms(c.step, dict(model.named_parameters()))
         metrics.update(self.loss_window.pop(metrics))
         metrics.update(state_grads)

@@ -41,6 +41,22 @@ def set_max_logit_tracking(model: nn.Module, enabled: bool) -> int:
     return len(modules)
 
 
+class QKClip:
+    """QK-clip as a training run wires it, built once from [optim.qk_clip] with the model
+    (forge.train.components): max-logit tracking on iff QK-clip is enabled, and after_step after every
+    optimizer step."""
+
+    def __init__(self, spec: QKClipSpec, model: nn.Module):
+        self.spec, self.model = spec, model
+        set_max_logit_tracking(model, spec.enabled)
+        self.n_heads = max(1, sum(m.n_heads for m in clippable_modules(model)))   # optim/qk_clip_fraction
+
+    def after_step(self, applied: bool) -> int:
+        """Heads clipped after an optimizer step; 0 after a step the optimizer undid (non-finite), whose
+        max-logit records stay for the next step."""
+        return qk_clip(self.model, self.spec) if applied else 0
+
+
 @torch.no_grad()
 def qk_clip(model: nn.Module, spec: QKClipSpec) -> int:
     """Rescale the W_Q/W_K rows of every head whose recorded max logit exceeds spec.tau; consume the

@@ -5,7 +5,7 @@ One optimizer step:
         weight 0 before act.warmup_steps) -> the loss on the step's batch and the ACT accuracy EMA
         (forge.train.objective: the global batch under DDP) -> backward of loss / grad_accum
     optimizer.step(): non-finite check -> Grokfast -> clip -> Muon/AdamW -> finite-weights check (forge.optim)
-    qk_clip(model) -> heads clipped                                       (after the update)
+    parts.qk_clip.after_step(applied) -> heads clipped (forge.optim.QKClip)   (after the update)
     schedule.step(): the lr of the next step
 A step whose loss, gradient, filtered gradient or updated weights are not finite is undone whole by the
 optimizer (counted: optim/nonfinite_count = the optimizer's skipped steps); max_nonfinite_in_a_row of them
@@ -128,9 +128,6 @@ class Trainer:
         self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "checkpoint": 0.0, "window_tokens": 0,
                         "window_time": 0.0, "logged": [0.0, 0], "plain": [0.0, 0]}
         self._flops_by_seq_len: dict[int, float] = {}
-        from forge.optim import clippable_modules
-
-        self._n_heads = max(1, sum(m.n_heads for m in clippable_modules(parts.model)))
         # train.precision resolved on the device (forge.train.precision): what _autocast and perf/mfu use
         self.precision = parts.precision or resolve_precision(self.spec.train.precision, parts.device)
         parts.model.set_gradient_checkpointing(self.spec.train.gradient_checkpointing)
@@ -196,8 +193,6 @@ class Trainer:
         return act.loss_weight if step >= act.warmup_steps else 0.0
 
     def train_step(self, collect: bool) -> dict[str, Any]:
-        from forge.optim import qk_clip
-
         model, opt = self.parts.model, self.parts.optimizer
         step = self.counters.step
         t0 = time.perf_counter()
@@ -227,7 +222,7 @@ class Trainer:
             state_grads.update({f"grad/param/{n}": p.grad.norm() for n, p in model.named_parameters()
                                 if p.grad is not None})
         finite = opt.step(collect_metrics=collect)
-        clipped = qk_clip(model, self.spec.optim.qk_clip) if finite else 0
+        clipped = self.parts.qk_clip.after_step(finite)
         opt.zero_grad(set_to_none=True)
         self.parts.schedule.step()
         c = self.counters
@@ -256,7 +251,7 @@ class Trainer:
             metrics = distributed.reduce_metrics(metrics, self.parts.device)
         metrics.update(opt.metrics())
         metrics.update({"optim/qk_clip_heads": clipped, "optim/qk_clip_total": c.qk_clip_total,
-                        "optim/qk_clip_fraction": clipped / self._n_heads,
+                        "optim/qk_clip_fraction": clipped / self.parts.qk_clip.n_heads,
                         "optim/nonfinite_count": c.nonfinite_total,
                         "perf/step_time": elapsed, "perf/data_time": t_data})
         return metrics

@@ -305,7 +305,8 @@ def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | N
     rank 0 gates the spec and creates or reopens the run, and every rank joins it by the id rank 0 sends.
     The run directory must be on a filesystem every node sees (resume reads the checkpoint on every rank).
     Each process parses one spec: SPEC for a new run (the run's spec.toml is its resolved form), else the
-    run's spec.toml. Returns the outcome, the run, the world and the resolved spec."""
+    run's spec.toml (and a SPEC given with --resume only for its run.output_dir). Returns the outcome, the
+    run, the world and the resolved spec."""
     from forge import distributed
     from forge.spec import load
 

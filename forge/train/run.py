@@ -5,7 +5,8 @@
     outcome.render(); raise SystemExit(outcome.exit_code)
 
 The spec is parsed once per process: a new run's SPEC here (forge.train.launch.start takes it resolved), a
-resumed or attached run's own spec.toml by forge.train.launch.reopen. A worker process (torchrun set RANK
+resumed or attached run's own spec.toml by forge.train.launch.reopen (a SPEC given with --resume is read for
+its run.output_dir only). A worker process (torchrun set RANK
 and WORLD_SIZE) ends through forge.distributed.exit_worker (Outcome.worker).
 """
 from __future__ import annotations

@@ -24,7 +24,8 @@ def perturbed_after(idx: torch.Tensor, t: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ recursion options
 
 OPTIONS = ["model.trm.grad_cycles=last", "model.trm.learned_init=true",
-           "model.trm.learned_init=true;model.trm.micro_steps=1;model.trm.grad_cycles=last"]
+           "model.trm.learned_init=true;model.trm.micro_steps=1;model.trm.grad_cycles=last",
+           "model.act.head_input=answer;model.act.ema_gain_tol=0.01"]
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -197,9 +198,10 @@ def test_frozen_halting_computes_the_documented_semantics(attention):
     assert (out.logits - full[2]).abs().amax(-1)[running].max() > 1e-3   # freezing changes running tokens
 
 
-@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("attention", ATTENTION + ["type=sliding_window;8;answer"])
 def test_frozen_halting_is_causal(attention):
-    model = frozen_model(attention)
+    attention, answer_head = attention.removesuffix(";answer"), attention.endswith(";answer")
+    model = frozen_model(attention, -0.5, *(["model.act.head_input=answer"] if answer_head else []))
     idx, _ = batch()
     with torch.no_grad():
         before = model(idx, halt=True)

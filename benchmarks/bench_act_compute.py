@@ -14,7 +14,8 @@ timed back to back in the same round (a paired ratio: background load on a share
 alike); ratio = measured / ideal (target >= 0.7). The fastest round of each case is recorded too.
 
     .venv/bin/python benchmarks/bench_act_compute.py [--spec tiny.toml] [--batch 8] [--seq 128]
-        [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--refiner-only] [--quick]      # results/act_compute_<spec>.json
+        [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--refiner-only] [--quick]
+    # -> benchmarks/results/act_compute_<spec>.json
 """
 from __future__ import annotations
 
@@ -105,8 +106,8 @@ def main() -> None:
             measured, forward_saving = (statistics.median(1 - f / a for f, a in zip(times[f"{part}_frozen"],
                                                                                       times[f"{part}_full"]))
                                         if f"{part}_full" in times else None for part in ("refiner", "forward"))
-            fig = {"target_share_step0": share, "halted_early_share": float((frozen_used < models["frozen"].trm.t_max - 1)
-                                                                            .float().mean()),
+            halted_early = float((frozen_used < models["frozen"].trm.t_max - 1).float().mean())
+            fig = {"target_share_step0": share, "halted_early_share": halted_early,
                    "compute_share": compute_share, "ideal_saving": ideal, "refiner_saving": measured,
                    "ratio": measured / ideal if ideal > 0 else None, "forward_saving": forward_saving,
                    "min_s": best, "median_s": med,

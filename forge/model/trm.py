@@ -60,7 +60,7 @@ class FrozenTokens:
 
     def __init__(self, batch: int, seq_len: int, device):
         self.running = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-        self.kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (c, layer) -> K, V (B, H, T, hd)
+        self.kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (c, layer) -> K, V (B, T, H, hd)
         self.applied = 0          # token-applications of f run (each of the 1 + micro_steps per outer step)
         self._rows: Optional[Rows] = None
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -75,59 +74,15 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
 
     Several processes: `forge train SPEC --nproc N` on one machine; on several machines, start
     `torchrun --nnodes ... -m forge train SPEC` on each (see README, "Training on several processes")."""
-    from forge.checklist.context import default_data_dir
-    from forge.distributed import check_batch_split, exit_worker, launched_by_torchrun
-    from forge.errors import ForgeError
-    from forge.spec.load import load_spec
-    from forge.train import launch
+    from forge.distributed import exit_worker
+    from forge.train.run import TrainRequest, run_training
 
-    data_dir = data_dir or default_data_dir()
-    if from_step is not None and not resume:
-        raise ForgeError("--from-step N needs --resume RUN_ID")
-    if from_step is not None and nproc:
-        raise ForgeError("--from-step is not supported with --nproc: resume from step N on one process first")
-    if resume and overrides:
-        raise ForgeError("--set cannot change a run being resumed; start a new run with the changed spec")
-    if launched_by_torchrun():   # a worker process: torchrun set RANK and WORLD_SIZE
-        if nproc:
-            raise ForgeError("--nproc starts torchrun itself: do not combine it with torchrun")
-        result, run, world = launch.run_worker(spec, overrides or [], attach=attach, resume=resume, run_id=run_id,
-                                               force=force, max_steps=max_steps, data_dir=data_dir)
-        if world.main and result.status == "refused":
-            ui.render_checklist(result.checklist, str(spec), load_spec(spec, overrides or []).hash)
-            ui.print_error(result.message)
-        elif world.main and attach is None:   # with --nproc the launching process reports
-            ui.render_run_end(result, run.path)
-        exit_worker(result.exit_code)
-    if attach is not None:
-        raise ForgeError("--attach is internal to --nproc workers (torchrun sets RANK and WORLD_SIZE)")
-    if resume:
-        root = Path(load_spec(spec).spec.run.output_dir) if spec else Path("runs")
-        resolved, run = launch.reopen(resume, root)
-        if nproc:
-            check_batch_split(resolved.spec.data.batch_size, resolved.spec.data.grad_accum, nproc)
-    else:
-        if spec is None:
-            raise ForgeError("give a SPEC to start a run, or --resume RUN_ID to continue one")
-        resolved = load_spec(spec, overrides or [])
-        if nproc:   # before the checklist and the run directory: nothing is written for a bad split
-            check_batch_split(resolved.spec.data.batch_size, resolved.spec.data.grad_accum, nproc)
-        t0 = time.perf_counter()
-        with ui.working(f"checking {spec}: the before-first-run checklist (preparing the data, a real step)"):
-            refused, resolved, run = launch.start(spec, overrides or [], run_id=run_id, force=force, data_dir=data_dir)
-        if refused:
-            ui.render_checklist(refused.checklist, str(spec), resolved.hash)
-            ui.print_error(refused.message)
-            raise typer.Exit(refused.exit_code)
-        ui.render_checklist_summary(run.read("checklist.json"), time.perf_counter() - t0)
-    if nproc:
-        result = launch.launch_workers(run, nproc, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
-        run.unlock()
-    else:
-        result = launch.train(resolved, run, resume=bool(resume), max_steps=max_steps, data_dir=data_dir,
-                              from_step=from_step)
-    ui.render_run_end(result, run.path)
-    raise typer.Exit(result.exit_code)
+    request = TrainRequest(spec, overrides or [], run_id, resume, from_step, max_steps, nproc, force, data_dir, attach)
+    outcome = run_training(request)
+    outcome.render()
+    if outcome.worker:
+        exit_worker(outcome.exit_code)
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command()
@@ -214,7 +169,7 @@ def export(run_id: str = typer.Argument(..., help="Run id."),
                                            help="Directory that holds the runs.")) -> None:
     """Export a checkpoint of RUN_ID as a Hugging Face style folder: model.safetensors (with metadata),
     config.json, tokenizer files with eos/pad, the spec and a model card; load it with forge.model.load_export."""
-    from forge.model.export import write_export
+    from forge.train.export import write_export
     from forge.train.run_dir import RunDir
 
     run = RunDir.open(output_dir, run_id)

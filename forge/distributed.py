@@ -6,6 +6,7 @@ Everything rank-dependent is defined on the GLOBAL batch, so a run does not depe
     token counts  losses divide by the global token count / W (DDP then averages: exactly the global mean)
     batch terms   coherence / diversity see the pooled representations of every rank (gather_rows, autograd-
                   aware: its backward sums the gradient of every rank's copy of the loss, DDP divides by W)
+                  Both are applied by forge.train.objective after the forward: the model holds no collective.
     QK-clip       per-head max logits all-reduced (MAX) before deciding (forge.optim.qk_clip)
     flags         non-finite gradients are averaged into every rank's gradient; the stop flag (Ctrl-C,
                   SIGTERM) is all-reduced (any_rank) at every step boundary

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_common import TAU_QUIET, latest_checkpoint, make_trainer, save_parameters  # noqa: E402
 
 from forge import distributed  # noqa: E402
-from forge.optim import attention_modules, qk_clip  # noqa: E402
+from forge.optim import clippable_modules, qk_clip  # noqa: E402
 
 
 def write(out: Path, name: str, world, **values) -> None:
@@ -58,8 +58,8 @@ def main(out: Path) -> None:
 
     def poison(module, args, output):
         calls["n"] += 1
-        if world.rank == 1 and calls["n"] == 3:
-            output.loss = output.loss * float("nan")
+        if world.rank == 1 and calls["n"] == 3:   # the step's loss is composed from the terms on the global batch
+            output.terms.ce_sums[0] = output.terms.ce_sums[0] * float("nan")
         return output
 
     hook = model.register_forward_hook(poison)
@@ -71,11 +71,11 @@ def main(out: Path) -> None:
 
     # QK-clip: only rank 1's max logit exceeds tau; both ranks must clip the same head by the same factor
     spec = trainer.spec.optim.qk_clip.model_copy(update={"tau": TAU_QUIET})
-    first = attention_modules(model)[0]
+    first = clippable_modules(model)[0]
     (idx, targets), = trainer.parts.loader.micro_batches(trainer.counters.step)[:1]
     trainer.forward_model(distributed.rank_slice(idx, world), distributed.rank_slice(targets, world)).loss.backward()
     model.zero_grad(set_to_none=True)
-    local_max = [float(m.max_logit.max()) for m in attention_modules(model)]
+    local_max = [float(m.max_logit.max()) for m in clippable_modules(model)]
     if world.rank == 1:
         first.max_logit[0] = 4 * TAU_QUIET
     clipped = qk_clip(model, spec)

@@ -12,7 +12,9 @@ from forge.checklist.runner import run_checklist
 from forge.errors import SpecError
 from forge.model import IGNORE_INDEX, attention_modules, build_model, count_parameters
 from forge.model.norm import RMSNorm
+from forge.model.objective import LOCAL
 from forge.spec.load import load_spec
+from forge.train.objective import training_loss
 
 # A small variant of the tiny spec: the same code paths, milliseconds per forward.
 SMALL = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=48",
@@ -195,13 +197,20 @@ def test_act_target_is_per_token_correctness_of_each_step():
     assert out.metrics["accuracy/step_1"].item() == 1.0
 
 
+def training_forward(model, idx, targets):
+    """A training forward as the trainer makes it: the loss on the batch, then the ACT accuracy EMA."""
+    out = model(idx, targets)
+    training_loss(model, out, 0.0, LOCAL)
+    return out
+
+
 def test_accuracy_ema_is_persistent_model_state():
     model = small_model().train()
     idx, targets = batch()
-    first = model(idx, targets).metrics
+    first = training_forward(model, idx, targets).metrics
     acc0 = torch.stack([first[f"accuracy/step_{t}"] for t in range(3)])
     assert torch.equal(model.trm.act.ema_acc, acc0)               # the first batch sets the EMA
-    second = model(idx[:, :32], targets[:, :32]).metrics
+    second = training_forward(model, idx[:, :32], targets[:, :32]).metrics
     acc1 = torch.stack([second[f"accuracy/step_{t}"] for t in range(3)])
     torch.testing.assert_close(model.trm.act.ema_acc, 0.98 * acc0 + 0.02 * acc1)
     state = model.state_dict()
@@ -220,7 +229,7 @@ def test_safetensors_round_trip_is_bit_identical_with_the_tied_head(tmp_path):
 
     model = small_model().train()
     idx, targets = batch()
-    model(idx, targets)                                           # moves the ACT EMA buffers
+    training_forward(model, idx, targets)                         # moves the ACT EMA buffers
     save_model(model, str(tmp_path / "model.safetensors"))
     restored = small_model(seed=3)
     assert load_model(restored, str(tmp_path / "model.safetensors")) == (set(), [])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import SPECS
-from forge.optim import attention_modules, qk_clip, set_max_logit_tracking
+from forge.optim import clippable_modules, qk_clip, set_max_logit_tracking
 from forge.spec.optim import QKClipSpec
 
 D_MODEL, N_HEADS, SEQ = 32, 4, 24
@@ -78,7 +78,7 @@ def layer(request) -> nn.Module:
     torch.manual_seed(0)
     model = LAYERS[request.param]()
     with torch.no_grad():  # push head 1 far above the others
-        attn = attention_modules(model)[0]
+        attn = clippable_modules(model)[0]
         attn.q_proj.weight[HEAD_DIM:2 * HEAD_DIM] *= 30.0
         attn.k_proj.weight[HEAD_DIM:2 * HEAD_DIM] *= 30.0
     assert set_max_logit_tracking(model, True) == 1
@@ -89,14 +89,14 @@ X = torch.randn(2, SEQ, D_MODEL, generator=torch.Generator().manual_seed(1))
 
 
 def measure(model: nn.Module) -> torch.Tensor:
-    attn = attention_modules(model)[0]
+    attn = clippable_modules(model)[0]
     attn.max_logit = None
     model(X)
     return attn.max_logit.clone()
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    attn = attention_modules(model)[0]
+    attn = clippable_modules(model)[0]
     return {n: getattr(attn, n).weight.detach().clone() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
@@ -186,10 +186,10 @@ def test_counts_heads_across_layers():
     model = nn.Sequential(ReferenceAttention(), ReferenceAttention())
     set_max_logit_tracking(model, True)
     model(X)
-    maxima = torch.cat([m.max_logit for m in attention_modules(model)])
+    maxima = torch.cat([m.max_logit for m in clippable_modules(model)])
     tau = maxima.median().item()
     assert qk_clip(model, spec(tau)) == int((maxima > tau).sum()) > 0
-    assert all(m.max_logit is None for m in attention_modules(model))
+    assert all(m.max_logit is None for m in clippable_modules(model))
 
 
 def test_discovery_finds_every_attention_of_the_real_model():
@@ -198,7 +198,7 @@ def test_discovery_finds_every_attention_of_the_real_model():
 
     s = load_spec(SPECS / "tiny.toml").spec
     model = build_model(s.model, s.objective, device="meta")
-    found = attention_modules(model)
+    found = clippable_modules(model)
     assert len(found) == s.model.n_layers + s.model.trm.n_layers and found == model_attention_modules(model)
 
 

@@ -23,6 +23,7 @@ VARIANTS = {
     "full_attention": ["model.attention.type=full"],
     "no_memory": ["model.memory.enabled=false"],
     "no_trm": ["model.trm.enabled=false"],
+    "learned_init_answer_head": ["model.trm.learned_init=true", "model.act.head_input=answer"],
 }
 
 

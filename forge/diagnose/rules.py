@@ -22,6 +22,7 @@ from forge.metrics.catalogue import load_catalogue
 from forge.metrics.engine import (Condition, Outcome, Records, SpecCondition, all_of, evaluate, load_entries,
                                   spec_value)
 from forge.spec.base import Section
+from forge.spec.render import Change   # a remedy changes spec keys as a spec diff does
 
 PROBLEMS = ("loss-not-decreasing", "act-pathological-halting", "gate-saturation", "part-unused", "out-of-memory",
             "training-too-slow", "instability", "observability", "budget", "merge", "run")
@@ -63,13 +64,6 @@ class Rule(Section):
         if not (self.when or self.status or self.on_spec):
             raise ValueError("a rule needs `when` conditions, a `status` match or on_spec = true")
         return self
-
-
-@dataclass(frozen=True)
-class Change:
-    key: str
-    before: Any
-    after: Any
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The Phase 1 (Cognate) model: Titans-MAG backbone, long-term memory, MAG gate, TRM recursion, ACT halting.
 
     model = build_model(spec.model, spec.objective)
-    out = model(idx, targets, act_loss_weight=w, halt=False, return_logits=False)   # ModelOutput
+    out = model(idx, targets, act_loss_weight=w, halt=False, return_logits=False)   # ModelOutput, this batch's
+    # a training step: out.loss on the step's batch (global under DDP) and the ACT EMA: forge.train.objective
     export = load_export("OUT/")      # a `forge export` folder: .model, .tokenizer, .config, .metadata
 """
 from forge.model.attention import Attention, attention_modules

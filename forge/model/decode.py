@@ -211,6 +211,7 @@ class IncrementalDecoder:
         N, last = B * m, model.n_steps - 1
         decide = halt and model.trm is not None        # the halting head chooses each token's step
         skip = decide and self.skip_halted
+        answer = decide and model.spec.act.head_input == "answer"
         out = used = halted = None          # logits (N, V), used step (N,), output chosen (N,)
         n_chosen, t = 0, 0
         for t, (y_t, z_t) in enumerate(self._outer_steps(x, freqs, lo, end, mask)):
@@ -221,14 +222,15 @@ class IncrementalDecoder:
             if n_chosen == N and not skip:      # every output chosen: later steps run for the caches only
                 continue
             if B * n == 1:                      # one new token: its halting decision as one host read
-                if t < last and not bool(self._halts(z_t)):
+                if t < last and not bool(self._halts(y_t if answer else z_t)):
                     continue
                 out, used, n_chosen = self._lm_head(y_t.view(1, -1)), idx.new_full((1,), t), 1
                 if skip and t < last:
                     self._freeze_later_steps(t, start, end)
                     break
                 continue
-            stop = self._halts(z_t if skip else z_t[:, rows])
+            state = y_t if answer else z_t         # what the halting head reads (act.head_input)
+            stop = self._halts(state if skip else state[:, rows])
             if t == last:
                 stop.fill_(True)
             if skip:                            # halted (B, n) so far: frozen from the next step on
@@ -267,7 +269,7 @@ class IncrementalDecoder:
         return torch.lerp(m, y, g).view(shape)
 
     def _halts(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, n, d) latents -> (B * n,) halting decisions: sigmoid(act(z)) > act.halt_thresh."""
+        """(B, n, d) states the head reads -> (B * n,) halting decisions: sigmoid(act(z)) > act.halt_thresh."""
         act = self.model.trm.act
         return torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > self._halt_thresh
 
@@ -289,7 +291,7 @@ class IncrementalDecoder:
         if trm is None:
             yield x, None
             return
-        y, z = x, torch.zeros_like(x)
+        y, z = trm.initial_states(x)
         for _ in range(trm.t_max):
             for _ in range(trm.micro_steps):
                 z = self._refine(x + y + z, freqs, lo, end, mask)

@@ -3,26 +3,45 @@
 One small shared network f (causal blocks, then RMSNorm so the states keep unit scale however often f is
 applied) refines a latent z and an answer y. Inputs are combined by addition, as in the reference:
 
-    y_0 = x, z_0 = 0
+    y_0 = x, z_0 = 0                 (trm.learned_init: y_0, z_0 = two learned vectors, as the reference)
     outer step t: micro_steps times  z <- f(x + y + z)     (latent refinement, sees the input)
                   once               y <- f(y + z)         (answer update, does not see x)
 
 Each outer step's y is decoded by the caller (deep supervision). With detach_between_steps the carry
 (y, z) is detached before every step after the first, so step t's loss trains step t only (x still gets
-gradient from every step).
+gradient from every step). With trm.grad_cycles = "last" the first micro_steps - 1 latent refinements of
+every outer step run under no_grad (same values, no backward through them), as in the TRM reference.
+
+Frozen halted tokens (act.freeze_halted, evaluation without gradient; the caller passes a FrozenTokens and
+updates its `running` mask after every outer step). Refiner applications are numbered c = 0..micro_steps
+within an outer step (micro_steps latent refinements, then the answer update). At outer step t:
+  - if every token runs, f runs as usual on the whole (B, T) batch, and every token's keys and values of
+    application c, layer l are kept;
+  - otherwise f runs only on the running tokens' rows: their queries, keys, values, attention output,
+    feed-forward and norms. Their fresh keys/values replace the kept ones; a halted token's keys/values at
+    (c, l) stay those of the last outer step it ran, i.e. its halting step. Running tokens attend, under the
+    pattern's mask, to that mixture. Halted tokens' y and z stay as at their halting step.
+A token's state therefore depends on earlier positions only (a halting decision is itself causal): the
+computation stays causal. Outputs of running tokens differ from the full computation, in which halted tokens
+keep being refined. `applied` counts the token-applications of f that ran (act/compute_share). The forward
+falls back to the full computation while an attention module records scores over every pair (QK-clip's max
+logit, attention stats or captures, the entropy regulariser); compute_share then counts every token of every
+step run.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from forge.model.act import HaltingHead
+from forge.model.attention import Attention
 from forge.model.backbone import Block
 from forge.model.norm import RMSNorm
-from forge.model.rope import RopeTables
+from forge.model.rope import RopeTables, apply_rope
 from forge.model.window import AttentionPattern
 from forge.spec.model import ACTSpec, TRMSpec
 
@@ -34,6 +53,87 @@ def run_checkpointed(module: nn.Module, *args):
     if not torch.is_grad_enabled():
         return module(*args)
     return checkpoint(module, *args, use_reentrant=False)
+
+
+class FrozenTokens:
+    """The running tokens of a halting evaluation and the keys/values kept for the halted ones (module doc)."""
+
+    def __init__(self, batch: int, seq_len: int, device):
+        self.running = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        self.kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (c, layer) -> K, V (B, T, H, hd)
+        self.applied = 0          # token-applications of f run (each of the 1 + micro_steps per outer step)
+        self._rows: Optional[Rows] = None
+
+    def rows(self, pattern: AttentionPattern, rope: RopeTables) -> "Rows":
+        """The running rows of the current outer step (recomputed when `running` changed)."""
+        if self._rows is None or self._rows.running is not self.running:
+            self._rows = Rows(self.running, pattern, rope)
+        return self._rows
+
+
+class Rows:
+    """Running tokens of one outer step: their flat indices into (B * T) rows, sorted by sequence, the
+    per-sequence padded layout their queries attend in (flat indices into (B * n_max) rows, mask rows
+    (B, 1, n_max, T)), and their RoPE tables (n, 1, hd), built once per step for every application and layer."""
+
+    def __init__(self, running: torch.Tensor, pattern: AttentionPattern, rope: RopeTables):
+        B, T = running.shape
+        self.running = running
+        self.all = bool(running.all())
+        b, p = running.nonzero(as_tuple=True)
+        self.n, self.flat = len(b), b * T + p
+        if self.all:
+            return
+        counts = running.sum(1)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(self.n, device=running.device) - starts[b]            # rank within its sequence
+        self.n_max = int(counts.max())
+        self.padded = b * self.n_max + slot
+        # padding rows sit at position 0 (key 0 always visible to them): finite, then dropped
+        pos = torch.zeros(B * self.n_max, dtype=torch.long, device=running.device).index_copy_(0, self.padded, p)
+        self.mask = pattern.mask(T, running.device)[pos.view(B, self.n_max)].unsqueeze(1)
+        self.rope = tuple(table[p].unsqueeze(1) for table in rope)
+
+    def gather(self, full: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (n, d) running rows."""
+        return full if self.all else full.reshape(-1, full.shape[-1]).index_select(0, self.flat)
+
+    def scatter(self, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A copy of `full` (B, T, d) with the running rows replaced: halted rows keep their values."""
+        if self.all:
+            return rows
+        out = full.contiguous().clone()
+        out.view(-1, out.shape[-1]).index_copy_(0, self.flat, rows)
+        return out
+
+
+def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
+                kept: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, tuple]:
+    """Attention output of the running rows h (n, d) (all rows: h is (B, T, d)), against the running tokens'
+    fresh keys/values and the kept ones of halted tokens. Returns the output and the updated keys, values
+    (B, T, H, hd), token-major so that rows are replaced with one index_copy_."""
+    H, hd = attn.n_heads, attn.head_dim
+    if rows.all:
+        B, T, _ = h.shape
+
+        def heads(proj):
+            return proj(h).view(B, T, H, hd).transpose(1, 2)
+
+        q, k, v = apply_rope(heads(attn.q_proj), rope), apply_rope(heads(attn.k_proj), rope), heads(attn.v_proj)
+        layout = attn.pattern.layout(q, k, v)
+        out = layout.merge([F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=p.mask, is_causal=p.mask is None)
+                            for p in layout.pieces])
+        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k.transpose(1, 2).contiguous(), v.transpose(1, 2))
+    K, V = kept
+    B, T = K.shape[:2]
+    K.view(B * T, H, hd).index_copy_(0, rows.flat, apply_rope(attn.k_proj(h).view(-1, H, hd), rows.rope))
+    V.view(B * T, H, hd).index_copy_(0, rows.flat, attn.v_proj(h).view(-1, H, hd))
+    q = apply_rope(attn.q_proj(h).view(-1, H, hd), rows.rope)
+    q_pad = q.new_zeros(B * rows.n_max, H, hd).index_copy_(0, rows.padded, q).view(B, rows.n_max, H, hd)
+    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
+                                         attn_mask=rows.mask)                        # (B, H, n_max, hd)
+    out = out.transpose(1, 2).reshape(B * rows.n_max, H * hd).index_select(0, rows.padded)
+    return attn.o_proj(out), (K, V)
 
 
 class Refiner(nn.Module):
@@ -50,14 +150,31 @@ class Refiner(nn.Module):
             u = block(u, rope)
         return self.norm(u)
 
+    def forward_rows(self, u: torch.Tensor, rope: RopeTables, frozen: FrozenTokens, c: int) -> torch.Tensor:
+        """f on the running rows u (n, d) ((B, T, d) when all run), application c of the outer step."""
+        rows = frozen.rows(self.blocks[0].attn.pattern, rope)
+        for layer, block in enumerate(self.blocks):
+            out, frozen.kept[c, layer] = attend_rows(block.attn, block.attn_norm(u), rope, rows,
+                                                     frozen.kept.get((c, layer)))
+            u = u + out
+            u = u + block.ffn(block.ffn_norm(u))
+        frozen.applied += rows.n
+        return self.norm(u)
+
 
 class TRM(nn.Module):
     def __init__(self, d_model: int, n_heads: int, spec: TRMSpec, act: ACTSpec, pattern: AttentionPattern,
                  norm_eps: float):
         super().__init__()
         self.t_max, self.micro_steps, self.detach = spec.t_max, spec.micro_steps, spec.detach_between_steps
+        self.grad_last_only = spec.grad_cycles == "last"
         self.net = Refiner(d_model, n_heads, spec, pattern, norm_eps)
-        self.act = HaltingHead(d_model, spec.t_max, act.ema_teacher)
+        self.act = HaltingHead(d_model, spec.t_max, act.ema_teacher, act.ema_gain_tol)
+        if spec.learned_init:            # 1-D: routed to AdamW; unit scale like the RMSNorm-ed states
+            self.y_init = nn.Parameter(torch.randn(d_model))
+            self.z_init = nn.Parameter(torch.randn(d_model))
+        else:
+            self.y_init = self.z_init = None
         self.track_state_grads = False   # logging steps only: hooks on y_t, z_t record their gradient norms
         self.checkpoint_refiner = False  # gradient checkpointing of every application of f (OOM mitigation)
         self._state_grads: dict[str, list[torch.Tensor]] = {"y": [], "z": []}
@@ -76,15 +193,43 @@ class TRM(nn.Module):
     def refine(self, u: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         return run_checkpointed(self.net, u, rope) if self.checkpoint_refiner else self.net(u, rope)
 
-    def steps(self, x: torch.Tensor, rope: RopeTables) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (y_t, z_t) after each outer step; stop consuming to skip the remaining steps."""
-        y, z = x, torch.zeros_like(x)
+    def initial_states(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.y_init is None:
+            return x, torch.zeros_like(x)
+        return self.y_init.to(x.dtype).expand_as(x), self.z_init.to(x.dtype).expand_as(x)
+
+    def steps(self, x: torch.Tensor, rope: RopeTables,
+              frozen: Optional[FrozenTokens] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (y_t, z_t) after each outer step; stop consuming to skip the remaining steps. With `frozen`
+        (evaluation, no gradient) only its running tokens are refined (module doc)."""
+        if frozen is not None:
+            yield from self._frozen_steps(x, rope, frozen)
+            return
+        y, z = self.initial_states(x)
         for t in range(self.t_max):
             if t > 0 and self.detach:
                 y, z = y.detach(), z.detach()
-            for _ in range(self.micro_steps):
-                z = self.refine(x + y + z, rope)
+            for i in range(self.micro_steps):
+                if self.grad_last_only and i < self.micro_steps - 1:
+                    with torch.no_grad():
+                        z = self.refine(x + y + z, rope)
+                else:
+                    z = self.refine(x + y + z, rope)
             y = self.refine(y + z, rope)
             self._record("y", y)
             self._record("z", z)
+            yield y, z
+
+    def _frozen_steps(self, x, rope, frozen: FrozenTokens):
+        if torch.is_grad_enabled():
+            raise RuntimeError("frozen halted tokens (act.freeze_halted) are an evaluation mode: run under "
+                               "torch.no_grad()")
+        y, z = self.initial_states(x)
+        for t in range(self.t_max):
+            rows = frozen.rows(self.net.blocks[0].attn.pattern, rope)
+            xr, yr, zr = rows.gather(x), rows.gather(y), rows.gather(z)
+            for i in range(self.micro_steps):
+                zr = self.net.forward_rows(xr + yr + zr, rope, frozen, i)
+            yr = self.net.forward_rows(yr + zr, rope, frozen, self.micro_steps)
+            y, z = rows.scatter(y, yr), rows.scatter(z, zr)
             yield y, z

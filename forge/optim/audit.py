@@ -39,7 +39,7 @@ def audit_routing(spec: OptimSpec, model: nn.Module, vocab_size: int) -> tuple[l
         group = group_of[id(p)]
         kind = kind_of_group[id(group)]
         if is_hidden_matrix(p, embedding_ids) and vocab_size not in p.shape:
-            want_kind = "muon" if spec.name == "muon_grokfast" else "adamw"
+            want_kind = spec.recipe.matrices
             want_wd = spec.weight_decay
         else:
             want_kind, want_wd = "adamw", spec.adamw.weight_decay

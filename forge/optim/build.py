@@ -36,7 +36,7 @@ def build_optimizer(spec: OptimSpec, model: nn.Module, precision=None) -> MuonGr
         adamw = torch.optim.AdamW([_torch_group(g) for g in adamw_plans], lr=spec.lr, betas=tuple(a.betas),
                                   eps=a.eps, weight_decay=a.weight_decay, foreach=True)
     grokfast = None
-    if spec.name == "muon_grokfast" and spec.grokfast.enabled:
+    if spec.recipe.grokfast and spec.grokfast.enabled:
         params = [p for g in muon_plans + adamw_plans for p in g.params]
         grokfast = GrokfastFilter(params, spec.grokfast.alpha, spec.grokfast.lam)
     return MuonGrokfast(muon, adamw, grokfast, spec.grad_clip)

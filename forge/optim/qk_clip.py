@@ -26,18 +26,35 @@ ROUNDING_TOLERANCE = 1e-5  # relative; far below any meaningful overshoot, far a
 PROTOCOL = ("q_proj", "k_proj", "v_proj", "o_proj", "n_heads", "head_dim", "track_max_logit")
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module of `model` that follows the attention protocol (backbone and TRM refiner alike)."""
+def clippable_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of `model` that QK-clip can rescale: those following PROTOCOL (backbone and TRM refiner
+    attention alike; forge.model.attention_modules lists the model's own Attention modules)."""
     return [m for m in model.modules() if all(hasattr(m, name) for name in PROTOCOL)]
 
 
 def set_max_logit_tracking(model: nn.Module, enabled: bool) -> int:
     """Turn max-logit recording on/off in every attention module (on iff QK-clip is enabled: the
     record costs a pass over the attended scores). Returns the number of modules."""
-    modules = attention_modules(model)
+    modules = clippable_modules(model)
     for m in modules:
         m.track_max_logit = enabled
     return len(modules)
+
+
+class QKClip:
+    """QK-clip as a training run wires it, built once from [optim.qk_clip] with the model
+    (forge.train.components): max-logit tracking on iff QK-clip is enabled, and after_step after every
+    optimizer step."""
+
+    def __init__(self, spec: QKClipSpec, model: nn.Module):
+        self.spec, self.model = spec, model
+        set_max_logit_tracking(model, spec.enabled)
+        self.n_heads = max(1, sum(m.n_heads for m in clippable_modules(model)))   # optim/qk_clip_fraction
+
+    def after_step(self, applied: bool) -> int:
+        """Heads clipped after an optimizer step; 0 after a step the optimizer undid (non-finite), whose
+        max-logit records stay for the next step."""
+        return qk_clip(self.model, self.spec) if applied else 0
 
 
 @torch.no_grad()
@@ -50,7 +67,7 @@ def qk_clip(model: nn.Module, spec: QKClipSpec) -> int:
     """
     if not spec.enabled:
         return 0
-    modules = attention_modules(model)
+    modules = clippable_modules(model)
     if not modules:
         raise RuntimeError("QK-clip is enabled but the model has no attention module with "
                            f"{', '.join(PROTOCOL)}")

@@ -40,7 +40,7 @@ def is_hidden_matrix(param: torch.Tensor, embedding_ids: set[int]) -> bool:
 def route_parameters(spec: OptimSpec, model: nn.Module) -> list[GroupPlan]:
     """The optimizer groups of `model` under `spec`, in a deterministic order; empty groups are dropped."""
     embedding_ids = embedding_weight_ids(model)
-    matrix_kind = "muon" if spec.name == "muon_grokfast" else "adamw"
+    matrix_kind = spec.recipe.matrices
     base = {
         "matrix": GroupPlan("muon" if matrix_kind == "muon" else "adamw_matrices", matrix_kind,
                             spec.lr, spec.weight_decay),

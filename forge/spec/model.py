@@ -4,7 +4,7 @@ Every number the model builder reads comes from here; the builder has no default
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
@@ -90,6 +90,26 @@ class TRMSpec(Section):
                                                    "carried across batches is not supported.")
     n_layers: PositiveInt = Field(2, description="Blocks in the shared refinement network f.")
     ffn_hidden: PositiveInt = Field(description="SwiGLU hidden width of the refinement network's blocks.")
+    grad_cycles: Literal["all", "last"] = Field("all", description=(
+        "Which latent refinements of an outer step back-propagate. all: every one. last: the first "
+        "micro_steps - 1 latent refinements z <- f(x + y + z) run under no_grad, the last one and the answer "
+        "update y <- f(y + z) with gradient (the TRM reference runs all but its last cycle without gradient): "
+        "the backward pass and its activations cover 2 of the micro_steps + 1 applications of f. The forward "
+        "values are the same as with all."))
+    learned_init: bool = Field(False, description=(
+        "Initial states of the recursion. false: y_0 = x (the backbone output), z_0 = 0. true: y_0 and z_0 are "
+        "two learned d_model vectors (1-D parameters trm.y_init, trm.z_init, initialised N(0, 1)), the same for "
+        "every token and sequence; x then enters only through the latent refinement z <- f(x + y + z), as in "
+        "the TRM reference. The reference's H_init / L_init are such vectors but fixed (std-1 buffers); here "
+        "they learn."))
+
+    @model_validator(mode="after")
+    def check_learned_init(self) -> "TRMSpec":
+        if self.learned_init and self.grad_cycles == "last" and self.micro_steps > 1:
+            raise ValueError("learned_init = true with grad_cycles = \"last\" and micro_steps > 1: z_0 enters only "
+                             "the first latent refinement, which then runs without gradient, so trm.z_init would "
+                             "never learn; use grad_cycles = \"all\" or micro_steps = 1")
+        return self
 
     @model_validator(mode="after")
     def check_step_weights(self) -> "TRMSpec":
@@ -115,6 +135,22 @@ class ACTSpec(Section):
     ema_teacher: float = Field(ge=0, lt=1, description="EMA factor of the per-step token accuracy (act/ema_acc_stepN).")
     warmup_steps: int = Field(ge=0, description="ACT loss weight is 0 before this optimizer step.")
     loss_weight: float = Field(ge=0, description="Weight of the halting BCE loss after warmup.")
+    head_input: Literal["latent", "answer"] = Field("latent", description=(
+        "The state the halting head reads after each outer step: latent = z_t; answer = y_t, the state the "
+        "step's logits are decoded from (the TRM reference's Q head reads its answer state z_H)."))
+    ema_gain_tol: Optional[float] = Field(None, ge=0, description=(
+        "EMA calibration of the halting target. Unset: the target of step t is \"step t's argmax equals the "
+        "label\". A number tol: the target is \"step t is correct AND max over later steps s of ema_acc[s] - "
+        "ema_acc[t] < tol\" (ema_acc: the per-step token-accuracy EMA, act/ema_acc_stepN), so tokens learn to "
+        "halt at step t only while the later steps add less than tol accuracy on average. The last step "
+        "keeps \"correct\"."))
+    freeze_halted: bool = Field(False, description=(
+        "Evaluation (forward with halt=True, no gradient): a token's state is frozen once it halts and the "
+        "later outer steps run the refiner (queries, attention, feed-forward) only for running tokens; "
+        "running tokens attend to a halted token's keys/values of its halting step (same refiner application "
+        "and layer). Saves refiner work in proportion to the share halted (act/compute_share); running tokens' "
+        "outputs then differ from the full computation, where halted tokens keep being refined. false: every "
+        "token is refined at every outer step that runs (steps stop only once all tokens halted)."))
 
 
 class ModelSpec(Section):

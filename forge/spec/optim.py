@@ -4,6 +4,7 @@ The section is phase-agnostic: later phases reuse it, and presets are spec files
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
@@ -11,7 +12,26 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from forge.spec.base import Section
 
 
-OptimizerName = Literal["muon_grokfast", "adamw"]
+
+
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    """What an optim.name builds (forge.optim.build): the optimizer of the hidden matrices and whether Grokfast
+    filters the gradients. 1-D parameters and embeddings always go to AdamW (forge.optim.routing)."""
+    matrices: Literal["muon", "adamw"]
+    grokfast: bool
+    description: str
+
+
+# The optimizer registry: a new optim.name is one entry here (its components are built in forge.optim.build).
+OPTIMIZERS = {
+    "muon_grokfast": OptimizerRecipe("muon", True, "Muon for 2-D hidden weights, AdamW for embeddings and 1-D "
+                                                   "params, Grokfast on every gradient."),
+    "adamw": OptimizerRecipe("adamw", False, "plain torch AdamW for everything, the baseline; hidden weights keep "
+                                             "optim.lr and optim.weight_decay, [optim.muon] and [optim.grokfast] "
+                                             "are unused."),
+}
+OptimizerName = Literal[tuple(OPTIMIZERS)]
 # match_adamw_rms (Moonlight): 0.2 * sqrt(max(rows, cols)), update RMS ~0.2 like AdamW, so AdamW lrs carry over.
 # keller: sqrt(max(1, rows / cols)).
 MuonScaling = Literal["match_adamw_rms", "keller"]
@@ -73,10 +93,7 @@ class LrOverride(Section):
 
 
 class OptimSpec(Section):
-    name: OptimizerName = Field(description="muon_grokfast: Muon for 2-D hidden weights, AdamW for embeddings and "
-                                            "1-D params, Grokfast on every gradient. adamw: plain torch AdamW for "
-                                            "everything, the baseline; hidden weights keep optim.lr and "
-                                            "optim.weight_decay, [optim.muon] and [optim.grokfast] are unused.")
+    name: OptimizerName = Field(description=" ".join(f"{name}: {r.description}" for name, r in OPTIMIZERS.items()))
     lr: PositiveFloat = Field(description="Peak learning rate (Muon group; AdamW group unless adamw.lr is set).")
     weight_decay: float = Field(ge=0, description="Decoupled weight decay of the Muon group.")
     grad_clip: PositiveFloat = Field(description="Global gradient-norm clip (max_norm), after Grokfast, before the "
@@ -90,3 +107,8 @@ class OptimSpec(Section):
                                                                     "Validated, unused in Phase 1.")
     ste_mode: Optional[bool] = Field(None, description="Later phases (quantisation): straight-through estimator. "
                                                        "Validated, unused in Phase 1.")
+
+    @property
+    def recipe(self) -> OptimizerRecipe:
+        """What optim.name builds (the registry OPTIMIZERS)."""
+        return OPTIMIZERS[self.name]

@@ -19,6 +19,7 @@ class Components:
     data: Any        # forge.data.Data: tokenizer, held-out batches
     loader: Any      # forge.data.TrainLoader: the resumable training stream
     device: torch.device
+    qk_clip: Any     # forge.optim.QKClip: the model's QK-clip wiring
     precision: Any = None   # forge.train.precision.Precision: train.precision resolved on `device`
 
 
@@ -41,19 +42,19 @@ def seed_everything(seed: int) -> None:
 def build_components(spec: Spec, data_dir: Path, cache_dir: Path | None = None, world=None) -> Components:
     from forge.data import build_data
     from forge.model import build_model
-    from forge.optim import build_lr_schedule, build_optimizer, set_max_logit_tracking
+    from forge.optim import QKClip, build_lr_schedule, build_optimizer
     from forge.train.precision import resolve_precision
 
     device = resolve_device(spec.train.device, world.local_rank if world is not None else 0)
     seed_everything(spec.run.seed)
     model = build_model(spec.model, spec.objective).to(device)
-    set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
+    qk_clip = QKClip(spec.optim.qk_clip, model)
     precision = resolve_precision(spec.train.precision, device, refresh=True)   # MFU's peak: best measured
     optimizer = build_optimizer(spec.optim, model, precision)     # optim.muon.ns_dtype = auto follows it
     schedule = build_lr_schedule(spec.train, optimizer)
     data = build_data(spec.data, vocab_size=spec.model.vocab_size, seed=spec.run.seed, data_dir=data_dir,
                       cache_dir=cache_dir)
-    return Components(model, optimizer, schedule, data, data.train_loader(), device, precision)
+    return Components(model, optimizer, schedule, data, data.train_loader(), device, qk_clip, precision)
 
 
 def rng_state() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from forge import ui
 from forge.checklist.runner import ChecklistResult, run_checklist
 from forge.distributed import SINGLE, World
 from forge.errors import ForgeError
-from forge.spec.load import ResolvedSpec, load_spec
+from forge.spec.load import ResolvedSpec
 from forge.spec.render import resolved_toml
 from forge.train import checkpoint as ckpt
 from forge.train.run_dir import RUN_FORMAT, RunDir, check_writable, environment, new_run_id
@@ -48,14 +48,13 @@ def lineage(resolved: ResolvedSpec, force: bool) -> dict:
             "hub_commits": hub_commits(resolved.spec.data.sources, default_cache_dir())}
 
 
-def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: bool,
-          data_dir: Path) -> tuple[LaunchResult | None, ResolvedSpec, RunDir | None]:
-    """Validate and gate a new run; create its directory. Returns (refusal, resolved, run dir). What can fail
+def start(resolved: ResolvedSpec, *, run_id: str | None, force: bool,
+          data_dir: Path) -> tuple[LaunchResult | None, RunDir | None]:
+    """Gate a new run of the resolved spec; create its directory. Returns (refusal, run dir). What can fail
     on the filesystem or the machine is checked before the checklist (which takes seconds), and a directory
     whose records cannot all be written is removed again."""
     from forge.spec.budget import check_memory_budget
 
-    resolved = load_spec(spec_path, overrides)
     root = Path(resolved.spec.run.output_dir)
     check_writable(root)
     if run_id and (root / run_id).exists():
@@ -65,7 +64,7 @@ def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: b
     if not result.ok and not force:
         failed = ", ".join(r.id for r in result.critical_failures)
         return LaunchResult("refused", None, result, f"critical checklist items failed: {failed} "
-                                                     "(fix the spec, or --force to launch anyway)"), resolved, None
+                                                     "(fix the spec, or --force to launch anyway)"), None
     run = RunDir.create(root, run_id or new_run_id(resolved.spec.run.name))
     try:
         run.lock()
@@ -79,7 +78,7 @@ def start(spec_path: Path, overrides: list[str], *, run_id: str | None, force: b
             raise ForgeError(f"cannot write the records of run {run.run_id} under {root}: {err} (check free space "
                              "and permissions)") from None
         raise
-    return None, resolved, run
+    return None, run
 
 
 def reopen(run_id: str, output_dir: Path, lock: bool = True) -> tuple[ResolvedSpec, RunDir]:
@@ -119,7 +118,7 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
     from forge.train.components import build_components
     from forge.train.live import LiveView
     from forge.train.loop import Trainer
-    from forge.train.metrics_log import MetricsLog, read_metrics, truncate_after
+    from forge.train.metrics_log import MetricsLog, NullMetricsLog, read_metrics, truncate_after
     from forge.train.monitors import MonitorSet, load_monitors
     from forge.probes.suite import SAMPLES
 
@@ -152,8 +151,8 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
         for line in skipped:
             live.warn(line)
         live.note(f"precision: {parts.precision.describe()}")
-        if main:
-            log = MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
+        log = (MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
+               if main else NullMetricsLog())   # rank 0 alone writes records
         trainer = Trainer(resolved, run, parts, live, log, monitors, world)
         if latest is not None:
             trainer.counters = counters
@@ -299,50 +298,60 @@ def launch_workers(run: RunDir, nproc: int, *, resume: bool, max_steps: int | No
 
 
 def run_worker(spec_path: Path | None, overrides: list[str], *, attach: Path | None, resume: str | None,
-               run_id: str | None, force: bool, max_steps: int | None, data_dir: Path) -> tuple[LaunchResult, RunDir | None, World]:
+               run_id: str | None, force: bool, max_steps: int | None,
+               data_dir: Path) -> tuple[LaunchResult, RunDir | None, World, ResolvedSpec | None]:
     """One process of a distributed run (torchrun set RANK/WORLD_SIZE). With `attach` (forge train --nproc) the
     launching process created the run; otherwise (torchrun ... -m forge train SPEC, e.g. on several nodes)
     rank 0 gates the spec and creates or reopens the run, and every rank joins it by the id rank 0 sends.
-    The run directory must be on a filesystem every node sees (resume reads the checkpoint on every rank)."""
+    The run directory must be on a filesystem every node sees (resume reads the checkpoint on every rank).
+    Each process parses one spec: SPEC for a new run (the run's spec.toml is its resolved form), else the
+    run's spec.toml (and a SPEC given with --resume only for its run.output_dir). Returns the outcome, the
+    run, the world and the resolved spec."""
     from forge import distributed
+    from forge.spec import load
 
     if attach is not None:
         resolved, run = reopen(attach.name, attach.parent, lock=False)
         world = distributed.init_from_env(resolved.spec.train.device)
         return _train_worker(resolved, run, world, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
-    root_spec = load_spec(spec_path, overrides) if spec_path else None
-    root = Path(root_spec.spec.run.output_dir) if root_spec else Path("runs")
-    device = root_spec.spec.train.device if root_spec else reopen(resume, root, lock=False)[0].spec.train.device
+    if resume:
+        root = Path(load.load_spec(spec_path).spec.run.output_dir) if spec_path else Path("runs")
+        resolved, run = reopen(resume, root, lock=False)
+    else:
+        resolved, run = load.load_spec(spec_path, overrides), None
+        root = Path(resolved.spec.run.output_dir)
     # what rank 0 tells the others: "run:<id>", "refused" (a critical checklist item failed) or "error"
-    outcome, error, refused, run = "error", None, None, None
+    outcome, error, refused = "error", None, None
     if int(os.environ["RANK"]) == 0:
         # the gate before joining the process group: the checklist's real training step must not meet the
         # collectives of the other ranks (they wait in the group's rendezvous meanwhile)
         try:
             if resume:
-                resolved, run = reopen(resume, root)
+                run.lock()
             else:
-                refused, resolved, run = start(spec_path, overrides, run_id=run_id, force=force, data_dir=data_dir)
+                refused, run = start(resolved, run_id=run_id, force=force, data_dir=data_dir)
             outcome = "refused" if refused else f"run:{run.run_id}"
         except ForgeError as err:
             error = err
-    world = distributed.init_from_env(device)
+    world = distributed.init_from_env(resolved.spec.train.device)
     outcome = distributed.broadcast_text(outcome)
     if not outcome.startswith("run:"):
         distributed.shutdown()
         if outcome == "refused":
-            return refused or LaunchResult("refused", message="rank 0's checklist refused the spec"), run, world
+            return (refused or LaunchResult("refused", message="rank 0's checklist refused the spec"), run, world,
+                    resolved)
         raise error or ForgeError("rank 0 could not start the run (its output has the reason)")
-    if not world.main:
-        resolved, run = reopen(outcome.removeprefix("run:"), root, lock=False)
+    if not world.main and not resume:
+        run = RunDir.open(root, outcome.removeprefix("run:"))   # rank 0 wrote SPEC's resolved form there
     return _train_worker(resolved, run, world, resume=bool(resume), max_steps=max_steps, data_dir=data_dir)
 
 
-def _train_worker(resolved: ResolvedSpec, run: RunDir, world: World, **kwargs) -> tuple[LaunchResult, RunDir, World]:
+def _train_worker(resolved: ResolvedSpec, run: RunDir, world: World,
+                  **kwargs) -> tuple[LaunchResult, RunDir, World, ResolvedSpec]:
     from forge import distributed
 
     result = train(resolved, run, world=world, **kwargs)
     if result.crashed:
-        return result, run, world     # no barrier: the other ranks may be inside a collective; torchrun stops them
+        return result, run, world, resolved   # no barrier: the other ranks may be inside a collective
     distributed.shutdown()
-    return result, run, world
+    return result, run, world, resolved

@@ -2,9 +2,10 @@
 
 One optimizer step:
     for each of grad_accum micro-batches: forward (deep supervision + composite objective; ACT loss
-        weight 0 before act.warmup_steps) -> backward of loss / grad_accum
+        weight 0 before act.warmup_steps) -> the loss on the step's batch and the ACT accuracy EMA
+        (forge.train.objective: the global batch under DDP) -> backward of loss / grad_accum
     optimizer.step(): non-finite check -> Grokfast -> clip -> Muon/AdamW -> finite-weights check (forge.optim)
-    qk_clip(model) -> heads clipped                                       (after the update)
+    parts.qk_clip.after_step(applied) -> heads clipped (forge.optim.QKClip)   (after the update)
     schedule.step(): the lr of the next step
 A step whose loss, gradient, filtered gradient or updated weights are not finite is undone whole by the
 optimizer (counted: optim/nonfinite_count = the optimizer's skipped steps); max_nonfinite_in_a_row of them
@@ -36,7 +37,8 @@ from forge.train import checkpoint as ckpt
 from forge.train.components import Components, rng_state, set_rng_state
 from forge.train.evaluate import evaluate, merge_preview
 from forge.train.live import LiveView
-from forge.train.metrics_log import MetricsLog
+from forge.train.metrics_log import MetricsLog, NullMetricsLog
+from forge.train.objective import step_batch, training_loss
 from forge.train.monitors import MonitorSet
 from forge.train.precision import resolve_precision
 from forge.train.run_dir import RunDir
@@ -108,12 +110,14 @@ class LossWindow:
 class Trainer:
     def __init__(self, resolved: ResolvedSpec, run: RunDir, parts: Components, live: LiveView,
                  log: MetricsLog | None, monitors: MonitorSet, world: World = SINGLE):
-        """`log` is None on ranks other than 0 (they write nothing)."""
+        """`log` is None (or a NullMetricsLog) on ranks other than 0: they write nothing."""
         self.spec = resolved.spec
         self.spec_hash = resolved.hash
-        self.run, self.parts, self.live, self.log, self.monitors = run, parts, live, log, monitors
+        self.run, self.parts, self.live, self.monitors = run, parts, live, monitors
+        self.log = log or NullMetricsLog()
         self.world = world
         self.forward_model = parts.model      # what the training forward calls: the model, or its DDP wrapper
+        self.batch = step_batch(world)        # the batch a step's loss is defined on (forge.train.objective)
         if world.distributed:
             distributed.check_batch_split(self.spec.data.batch_size, self.spec.data.grad_accum, world.size)
             self.forward_model = self._wrap_ddp(parts.model)
@@ -124,9 +128,6 @@ class Trainer:
         self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "checkpoint": 0.0, "window_tokens": 0,
                         "window_time": 0.0, "logged": [0.0, 0], "plain": [0.0, 0]}
         self._flops_by_seq_len: dict[int, float] = {}
-        from forge.optim import attention_modules
-
-        self._n_heads = max(1, sum(m.n_heads for m in attention_modules(parts.model)))
         # train.precision resolved on the device (forge.train.precision): what _autocast and perf/mfu use
         self.precision = parts.precision or resolve_precision(self.spec.train.precision, parts.device)
         parts.model.set_gradient_checkpointing(self.spec.train.gradient_checkpointing)
@@ -137,7 +138,6 @@ class Trainer:
     def _wrap_ddp(self, model):
         from torch.nn.parallel import DistributedDataParallel
 
-        model.data_parallel = True
         # every parameter gets a gradient every step (the ACT term is added even at weight 0), and the graph
         # changes with logging steps and checkpointing: no unused-parameter search, no static graph. Buffers
         # (the ACT accuracy EMA) are updated identically on every rank from all-reduced inputs, so DDP must
@@ -167,8 +167,7 @@ class Trainer:
 
         def write(weights, state):
             path = ckpt.save_checkpoint(self.run.checkpoints, step, weights, state, meta)
-            if self.log is not None:
-                self.log.checkpoint(step, path)    # a W&B artifact when the spec asks
+            self.log.checkpoint(step, path)    # a W&B artifact when the spec asks
             ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
 
         if self._writer is None:
@@ -194,8 +193,6 @@ class Trainer:
         return act.loss_weight if step >= act.warmup_steps else 0.0
 
     def train_step(self, collect: bool) -> dict[str, Any]:
-        from forge.optim import qk_clip
-
         model, opt = self.parts.model, self.parts.optimizer
         step = self.counters.step
         t0 = time.perf_counter()
@@ -212,8 +209,10 @@ class Trainer:
             for i, (idx, targets) in enumerate(micro_batches):
                 idx, targets = idx.to(self.parts.device), targets.to(self.parts.device)
                 with self._no_sync(last=i == len(micro_batches) - 1):
-                    out = self.forward_model(idx, targets, act_loss_weight=self.act_loss_weight(step))
-                    (out.loss / len(micro_batches)).backward()
+                    act_loss_weight = self.act_loss_weight(step)
+                    out = self.forward_model(idx, targets, act_loss_weight=act_loss_weight)
+                    loss = training_loss(model, out, act_loss_weight, self.batch)
+                    (loss / len(micro_batches)).backward()
                 n_tokens += targets.numel() * self.world.size
                 for k, v in out.metrics.items():
                     if collect or k.startswith(LOSS_PREFIX):   # losses every step: the logged window mean
@@ -223,7 +222,7 @@ class Trainer:
             state_grads.update({f"grad/param/{n}": p.grad.norm() for n, p in model.named_parameters()
                                 if p.grad is not None})
         finite = opt.step(collect_metrics=collect)
-        clipped = qk_clip(model, self.spec.optim.qk_clip) if finite else 0
+        clipped = self.parts.qk_clip.after_step(finite)
         opt.zero_grad(set_to_none=True)
         self.parts.schedule.step()
         c = self.counters
@@ -244,7 +243,7 @@ class Trainer:
         self.loss_window.add({k: v for k, v in metrics.items() if k.startswith(LOSS_PREFIX)})
         if not collect:
             return {}
-        if self.spec.logging.histograms and self.log is not None:
+        if self.spec.logging.histograms:
             self.log.histograms(c.step, dict(model.named_parameters()))
         metrics.update(self.loss_window.pop(metrics))
         metrics.update(state_grads)
@@ -252,7 +251,7 @@ class Trainer:
             metrics = distributed.reduce_metrics(metrics, self.parts.device)
         metrics.update(opt.metrics())
         metrics.update({"optim/qk_clip_heads": clipped, "optim/qk_clip_total": c.qk_clip_total,
-                        "optim/qk_clip_fraction": clipped / self._n_heads,
+                        "optim/qk_clip_fraction": clipped / self.parts.qk_clip.n_heads,
                         "optim/nonfinite_count": c.nonfinite_total,
                         "perf/step_time": elapsed, "perf/data_time": t_data})
         return metrics

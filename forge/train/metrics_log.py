@@ -37,6 +37,29 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class NullMetricsLog:
+    """The metrics log of a rank other than 0 under DDP: rank 0 alone writes records; the others call the same
+    methods and nothing happens (a null object, not a rank branch at every call)."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def histograms(self, step: int, tensors: dict) -> None:
+        pass
+
+    def evaluation(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def tag(self, tag: str) -> None:
+        pass
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
 class MetricsLog:
     """Append-only JSONL writer plus the mirrors the spec asks for (forge/train/mirrors.py: W&B, TensorBoard).
     A mirror that cannot start or fails later is dropped: `warn` shows it once and warnings.jsonl keeps it

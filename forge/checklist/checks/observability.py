@@ -71,7 +71,7 @@ def metric_families(ctx: CheckContext, families: list[str]) -> Outcome:
     import torch
 
     from forge.model import build_model
-    from forge.optim import build_optimizer, qk_clip, set_max_logit_tracking
+    from forge.optim import QKClip, build_optimizer
 
     spec = ctx.spec
     generator = torch.Generator().manual_seed(spec.run.seed)
@@ -79,14 +79,13 @@ def metric_families(ctx: CheckContext, families: list[str]) -> Outcome:
     with torch.random.fork_rng():
         torch.manual_seed(spec.run.seed)
         model = build_model(spec.model, spec.objective)
-    set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
+    clip = QKClip(spec.optim.qk_clip, model)
     optimizer = build_optimizer(spec.optim, model)
     idx = torch.randint(0, spec.model.vocab_size, (2, T + 1), generator=generator)
     model.log_attention_stats = True
     out = model(idx[:, :-1], idx[:, 1:], act_loss_weight=spec.model.act.loss_weight)
     out.loss.backward()
-    optimizer.step(collect_metrics=True)
-    qk_clip(model, spec.optim.qk_clip)
+    clip.after_step(optimizer.step(collect_metrics=True))
     metrics = {**out.metrics, **optimizer.metrics()}
     missing = [f for f in families if not any(k.startswith(f) for k in metrics)]
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))

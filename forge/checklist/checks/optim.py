@@ -18,7 +18,7 @@ def optim_routing(ctx: CheckContext) -> Outcome:
     problems, table = audit_routing(spec.optim, model, spec.model.vocab_size)
     measured = ", ".join(f"{name}: {row['tensors']} tensors / {row['elements']:,} params"
                          for name, row in table.items())
-    matrices_to = "Muon" if spec.optim.name == "muon_grokfast" else "AdamW"
+    matrices_to = {"muon": "Muon", "adamw": "AdamW"}[spec.optim.recipe.matrices]
     expected = f"each parameter in one group; 1-D + embedding -> AdamW; hidden matrices -> {matrices_to}"
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""

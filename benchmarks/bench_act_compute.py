@@ -1,0 +1,130 @@
+"""ACT compute saving at evaluation (issue 21): the refiner time saved by frozen halted tokens
+(act.freeze_halted) against the ideal saving, the share of refiner token-work skipped, at several halt shares.
+
+The model is a spec's (random weights from a fixed seed). The halting head gets a random weight and a bias
+set from the quantiles of its step-0 logits so that a chosen share of tokens halts at step 0 (the rest may
+halt later). Per halt share, interleaved in one process:
+  full     the TRM outer steps with the halting rule as today: every token is refined at every step that
+           runs (steps stop only once every token halted)
+  frozen   the same with act.freeze_halted: later steps refine only the running tokens
+Timed: the TRM outer steps with the halting head (the refiner's work), given the backbone output x; and,
+for context, the whole evaluation forward (backbone, memory, LM head of every step included).
+ideal saving = 1 - act/compute_share; measured saving = median over rounds of 1 - t_frozen / t_full, the two
+timed back to back in the same round (a paired ratio: background load on a shared machine moves both
+alike); ratio = measured / ideal (target >= 0.7). The fastest round of each case is recorded too.
+
+    .venv/bin/python benchmarks/bench_act_compute.py [--spec tiny.toml] [--batch 8] [--seq 128]
+        [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--refiner-only] [--quick]
+    # -> benchmarks/results/act_compute_<spec>.json
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+
+from common import ROOT, interleaved, setup_threads, table, write_result
+
+from forge.model import build_model
+from forge.model.trm import FrozenTokens
+from forge.spec.load import load_spec
+
+
+def halting_head_for_share(model, x, rope, share: float, seed: int = 0) -> None:
+    """Random head weight; the bias that makes `share` of the tokens halt at step 0."""
+    head, act = model.trm.act, model.spec.act
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(head.weight.numel()))
+        y, z = next(iter(model.trm.steps(x, rope)))
+        raw = (y if act.head_input == "answer" else z) @ head.weight
+        cut = torch.quantile(raw.flatten().float(), 1 - share) if share > 0 else raw.max() + 1
+        head.bias.fill_(math.log(act.halt_thresh / (1 - act.halt_thresh)) - float(cut) + 1e-4)
+
+
+def outer_steps(model, x, rope, frozen: FrozenTokens | None) -> torch.Tensor:
+    """The TRM steps with the evaluation halting rule (as CognateModel.forward); returns each token's step."""
+    trm, act = model.trm, model.spec.act
+    halted = torch.zeros(x.shape[:2], dtype=torch.bool)
+    used = torch.full(x.shape[:2], trm.t_max - 1)
+    for t, (y, z) in enumerate(trm.steps(x, rope, frozen)):
+        stop = (torch.sigmoid(trm.act(y if act.head_input == "answer" else z)) > act.halt_thresh) | (t == trm.t_max - 1)
+        used = torch.where(stop & ~halted, t, used)
+        halted = halted | stop
+        if frozen is not None:
+            frozen.running = ~halted
+        elif bool(halted.all()):
+            break
+    return used
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="tiny.toml")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--shares", default="0.25,0.5,0.75,0.9")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--refiner-only", action="store_true", help="time the refiner only, not the whole forward")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, batch 2, two shares")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.batch, args.shares = 2, 2, "0.5,0.9"
+    setup_threads(args.threads)
+    spec = load_spec(ROOT / "specs" / args.spec).spec
+    torch.manual_seed(0)
+    models = {}
+    for name, freeze in (("full", False), ("frozen", True)):
+        act = spec.model.act.model_copy(update={"freeze_halted": freeze})
+        torch.manual_seed(0)
+        models[name] = build_model(spec.model.model_copy(update={"act": act}), spec.objective).eval()
+    models["frozen"].load_state_dict(models["full"].state_dict())
+    idx = torch.randint(0, spec.model.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    rows, figures = [], []
+    with torch.no_grad():
+        rope = models["full"].rope(args.seq, idx.device)
+        x = models["full"].encode(idx, rope)[0]
+        for share in (float(s) for s in args.shares.split(",")):
+            for model in models.values():
+                halting_head_for_share(model, x, rope, share)
+            frozen_used = outer_steps(models["frozen"], x, rope, probe := FrozenTokens(*idx.shape, idx.device))
+            per_app = idx.numel() * (1 + models["frozen"].trm.micro_steps)
+            compute_share = probe.applied / (models["frozen"].trm.t_max * per_app)
+            cases = {"refiner_full": lambda: outer_steps(models["full"], x, rope, None),
+                     "refiner_frozen": lambda: outer_steps(models["frozen"], x, rope,
+                                                           FrozenTokens(*idx.shape, idx.device))}
+            if not args.refiner_only:
+                cases.update({"forward_full": lambda: models["full"](idx, halt=True),
+                              "forward_frozen": lambda: models["frozen"](idx, halt=True)})
+            times = interleaved(cases, args.rounds)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            best = {k: min(v) for k, v in times.items()}
+            ideal = 1 - compute_share
+            measured, forward_saving = (statistics.median(1 - f / a for f, a in zip(times[f"{part}_frozen"],
+                                                                                      times[f"{part}_full"]))
+                                        if f"{part}_full" in times else None for part in ("refiner", "forward"))
+            halted_early = float((frozen_used < models["frozen"].trm.t_max - 1).float().mean())
+            fig = {"target_share_step0": share, "halted_early_share": halted_early,
+                   "compute_share": compute_share, "ideal_saving": ideal, "refiner_saving": measured,
+                   "ratio": measured / ideal if ideal > 0 else None, "forward_saving": forward_saving,
+                   "min_s": best, "median_s": med,
+                   "fastest_round_ratio": (1 - best["refiner_frozen"] / best["refiner_full"]) / ideal
+                   if ideal > 0 else None,
+                   "times_s": times}
+            figures.append(fig)
+            rows.append([f"{fig['halted_early_share']:.2f}", f"{compute_share:.3f}", f"{ideal:.3f}",
+                         f"{best['refiner_full'] * 1e3:.1f}", f"{best['refiner_frozen'] * 1e3:.1f}", f"{measured:.3f}",
+                         f"{fig['ratio']:.2f}" if fig["ratio"] is not None else "-",
+                         "-" if forward_saving is None else f"{forward_saving:.3f}"])
+    print(table(["halted early", "compute share", "ideal saving", "refiner full ms", "refiner frozen ms",
+                 "refiner saving", "ratio", "whole-forward saving"], rows))
+    name = f"act_compute_{args.spec.removesuffix('.toml')}" + ("_quick" if args.quick else "")
+    write_result(name, {"spec": args.spec, "batch": args.batch, "seq_len": args.seq, "threads": args.threads,
+                        "rounds": args.rounds, "figures": figures})
+
+
+if __name__ == "__main__":
+    main()

@@ -160,3 +160,23 @@ def test_catalogue_and_report_name_the_probes_per_source():
     rows = {m: (why, values) for m, why, values in probe_rows(RunRecord(None, [record], {}, {}, {}, []))}
     assert rows["valid/memory_contribution_bpb/tinystories"] == ("C1 memory, tinystories", [0.02])
     assert rows["valid/recursion_gain_bpb"][1] == [0.03] and "valid/gate/decided_share" not in rows
+
+
+def test_halting_compute_at_evaluation_follows_the_share_halted_early(tiny):
+    """valid/halt/compute_share is the refiner work run under halting: 1 when nothing halts early, below 1 with
+    act.freeze_halted when tokens halt at step 0 (the halting head's bias forced up), and, as the share halted
+    early approaches 1, close to the minimum 1 / t_max; absent without TRM."""
+    spec, data = tiny
+    model = _model(spec, "model.act.freeze_halted=true")
+    nothing = evaluate(model, data, torch.device("cpu"))
+    assert nothing["valid/halt/halted_early_share"] == 0.0 and nothing["valid/halt/compute_share"] == 1.0
+    with torch.no_grad():
+        model.trm.act.bias.fill_(0.0)
+        model.trm.act.weight.normal_(0.0, 1.0)          # some tokens confident, some not
+    some = evaluate(model, data, torch.device("cpu"))
+    early, compute = some["valid/halt/halted_early_share"], some["valid/halt/compute_share"]
+    assert 0.0 < early < 1.0 and compute < 1.0
+    t_max = model.n_steps
+    assert compute >= 1.0 - early * (t_max - 1) / t_max - 1e-9      # never below what the halts allow
+    no_trm = evaluate(_model(spec, "model.trm.enabled=false"), data, torch.device("cpu"))
+    assert "valid/halt/compute_share" not in no_trm and "valid/halt/halted_early_share" not in no_trm

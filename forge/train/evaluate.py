@@ -29,6 +29,7 @@ from forge.train import checkpoint as ckpt
 from forge.train.merge import merge_state_dicts
 
 LN2 = math.log(2)
+HALTING_COMPUTE = ("compute_share", "halted_early_share")   # act/* of the halting forward, into valid/halt/*
 
 
 def _new_acc() -> dict[str, Any]:
@@ -56,6 +57,9 @@ def _nll(model, data, device, halt: bool) -> dict[str, dict[str, float]]:
             acc["steps"] += (float(steps) if steps is not None else 1.0) * n   # without TRM: one step
             counts = torch.bincount(out.used_steps.flatten() - 1, minlength=model.n_steps).tolist()
             acc["halt_hist"] = [a + c for a, c in zip(acc.get("halt_hist", [0] * len(counts)), counts)]
+            for key in HALTING_COMPUTE:          # token-weighted, like every other held-out figure
+                if f"act/{key}" in out.metrics:
+                    acc[key] = acc.get(key, 0.0) + float(out.metrics[f"act/{key}"]) * n
         totals[name] = acc
     return totals
 
@@ -134,6 +138,14 @@ def memory_contribution(full: dict[str, dict[str, Any]], ablated: dict[str, dict
                            {s: a["text_nll"] for s, a in full.items()})
 
 
+def halting_compute(totals: dict[str, dict], prefix: str) -> dict[str, float]:
+    """valid/halt/compute_share and halted_early_share: the refiner work run under halting and the share of
+    tokens that halted early (the ideal saving), token-weighted over every source's eval batches."""
+    with_trm = [acc for acc in totals.values() if HALTING_COMPUTE[0] in acc]
+    tokens = sum(acc["tokens"] for acc in with_trm)
+    return {f"{prefix}{key}": sum(acc[key] for acc in with_trm) / tokens for key in HALTING_COMPUTE} if tokens else {}
+
+
 def halting_histogram(totals: dict[str, dict], prefix: str) -> dict[str, float]:
     """The ACT histogram (C1): share of held-out tokens whose output came from outer step t, per step."""
     counts = [sum(col) for col in zip(*(acc["halt_hist"] for acc in totals.values() if "halt_hist" in acc))]
@@ -175,6 +187,7 @@ def evaluate(model, data, device) -> dict[str, float]:
         halting = _nll(model, data, device, halt=True)
         out.update(_summarise(halting, "valid/halt/"))
         out.update(halting_histogram(halting, "valid/halt/"))
+        out.update(halting_compute(halting, "valid/halt/"))
     finally:
         model.train(was_training)
     return out

@@ -172,3 +172,18 @@ def test_help_imports_nothing_heavy():
                   "'tokenizers') if m in sys.modules]\nprint(heavy)")
     done = subprocess.run([sys.executable, "-c", probe_help], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]" and "check" in done.stdout
+
+@pytest.mark.parametrize("ablation, off", [("model.memory.enabled=false", ("gate/", "memory/")),
+                                           ("model.trm.enabled=false", ("act/",))])
+def test_metric_families_expect_only_the_parts_the_spec_has(ablation, off):
+    """An ablation (memory off, recursion off) emits no gate/ or act/ metrics: OBS-metric-families passes and
+    says which families it did not expect; the families of the parts that remain are still required."""
+    from forge.checklist.checks.observability import metric_families
+    from forge.checklist.context import CheckContext
+
+    families = ["loss/", "act/", "gate/", "memory/", "optim/"]
+    outcome = metric_families(CheckContext(load_spec(SPECS / "tiny.toml", [ablation])), families)
+    assert outcome.status == "pass", outcome
+    assert all(f in outcome.measured for f in off) and "part off in the spec" in outcome.measured
+    full = metric_families(CheckContext(load_spec(SPECS / "tiny.toml")), families)
+    assert full.status == "pass" and "part off" not in full.measured

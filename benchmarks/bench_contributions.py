@@ -2,7 +2,7 @@
 (own run directory under runs/, checklist-gated), then one table from their metrics.jsonl.
 
     FORGE_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_contributions.py \
-        [--set stories|mixture ...] [--steps 1500] [--jobs 2] [--only NAME ...] [--table-only]
+        [--set stories|mixture ...] [--steps 1500] [--jobs 2] [--only [SET:]NAME ...] [--table-only]
 
 Variants (issue #21, item 5) per data set: the full stack with each memory variant, memory off, recursion off,
 and the plain transformer baseline of the same parameter count. Every variant trains the same number of
@@ -35,6 +35,9 @@ ACT = ["model.act.head_input=answer", "model.act.ema_gain_tol=0.01", "model.act.
 CONTEXTUAL = ["model.memory.input_layer=1", "model.memory.conv_kernel=4", "model.memory.gates=data_dependent",
               "model.memory.qkv_activation=silu"]
 TITANS = ["model.memory.variant=mlp", *CONTEXTUAL]
+# the memory as it was before #21: a linear map reading the token embeddings, fixed momentum and forgetting
+LINEAR = ["model.memory.variant=linear", "model.memory.input_layer=0", "model.memory.conv_kernel=0",
+          "model.memory.gates=fixed", "model.memory.qkv_activation=identity"]
 
 
 EXTRAS = ("full, linear memory, contextual", "full, titans memory, grad on last cycle")   # trained last
@@ -42,13 +45,13 @@ EXTRAS = ("full, linear memory, contextual", "full, titans memory, grad on last 
 
 def variants(spec: str, baseline: str, extra: bool) -> dict[str, tuple[str, list[str]]]:
     """name -> (spec, overrides) of one data set's comparison; `extra`: the EXTRAS full-stack variants too."""
-    out = {"full, linear memory": (spec, [*ACT]),
+    out = {"full, linear memory": (spec, [*ACT, *LINEAR]),
            "full, titans memory": (spec, [*ACT, *TITANS])}
     if extra:
-        out["full, linear memory, contextual"] = (spec, [*ACT, *CONTEXTUAL])
+        out["full, linear memory, contextual"] = (spec, [*ACT, *LINEAR, *CONTEXTUAL])
         out["full, titans memory, grad on last cycle"] = (spec, [*ACT, *TITANS, "model.trm.grad_cycles=last"])
     out.update({"memory off": (spec, [*ACT, "model.memory.enabled=false"]),
-                "recursion off": (spec, [*ACT, "model.trm.enabled=false"]),
+                "recursion off": (spec, [*ACT, *LINEAR, "model.trm.enabled=false"]),   # with the linear memory
                 "baseline transformer": (baseline, [])})
     return out
 
@@ -119,6 +122,8 @@ def train_all(jobs: list[tuple[str, list[str], str]], steps: int, parallel: int)
 def evaluations(run: Path) -> list[dict]:
     """The records that carry an evaluation, each with "train_seconds": the training time up to that step,
     step x tokens per step / perf/tokens_per_sec (the run's measured throughput so far)."""
+    if not (run / "metrics.jsonl").is_file():   # not trained (yet)
+        return []
     data = RunDir(run).spec_data()["data"]
     per_step = data["batch_size"] * data["seq_len"]   # batch_size is the whole step (grad_accum splits it)
     return [{**rec, "train_seconds": rec["step"] * per_step / rec["perf/tokens_per_sec"]}
@@ -160,7 +165,7 @@ def render(set_name: str, summary: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="sets", action="append", choices=sorted(SETS))
-    parser.add_argument("--only", action="append", help="train only these variants (by name)")
+    parser.add_argument("--only", action="append", help="train only these variants: NAME (every set) or SET:NAME")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table-only", action="store_true", help="summarise the runs that exist, train nothing")
@@ -170,7 +175,7 @@ def main() -> None:
     if not args.table_only:
         jobs = [(spec, ov, run_id(s, name, args.steps)) for extra in (False, True) for s in sets
                 for name, (spec, ov) in SETS[s].items()
-                if (name in EXTRAS) == extra and (not args.only or name in args.only)]
+                if (name in EXTRAS) == extra and (not args.only or name in args.only or f"{s}:{name}" in args.only)]
         train_all(jobs, args.steps, args.jobs)
     results = {s: summarise(s, SETS[s], args.steps) for s in sets}
     for s in sets:

@@ -204,7 +204,7 @@ class IncrementalDecoder:
         if self._memory is None:
             x = model.backbone_norm(y)
         else:
-            x = self._gate(y, self._read_and_write_memory(memory_input, start))
+            x = self._gate(y, self.model.memory.step(self._memory, memory_input))
 
         rows = slice(n - 1, n) if last_only else slice(None)
         m = 1 if last_only else n
@@ -329,7 +329,3 @@ class IncrementalDecoder:
         x = torch.addmm(x, att, w.o_t)                                                          # x + o_proj(att)
         gate, up = torch.mm(x, w.gate_up_t).mul_(_inv_rms(x, w.d_eps)).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(gate).mul_(up), w.down_t).view(B, n, d)          # x + ffn(...)
-
-    def _read_and_write_memory(self, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Memory path of the new positions (NeuralMemory.step: the same math as its forward)."""
-        return self.model.memory.step(self._memory, h)

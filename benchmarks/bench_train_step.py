@@ -26,9 +26,11 @@ one step of each case; writes results/train_step_cuda.json.
 
 MFU = tokens/s x model FLOPs per token (forge.model.flops.model_flops_per_token, counted from the spec) / the
 matmul peak measured in the same process, interleaved with the steps round by round so that outside load hits
-both alike (median round; CPU n = 2048, CUDA n = 8192): `mfu` against the peak of the dtype the step's matmuls
-run in (fp32, or bf16 under autocast), and both `mfu_fp32_peak` and `mfu_bf16_peak`. The result records the
-CPU's capability flags (common.cpu_flags). Writes benchmarks/results/train_step.json.
+both alike (median round; CPU n = 2048, CUDA n = 8192; an emulated bf16 at n = 256): `mfu` against the peak of
+the dtype the step's matmuls run in (fp32, or bf16 under autocast), and both `mfu_fp32_peak` and
+`mfu_bf16_peak`; `mfu_best` from the fastest round. The result records the
+CPU's capability flags (common.cpu_flags). Writes benchmarks/results/train_step.json (--name: another name,
+e.g. train_step_avx2 for the AVX2-only machine kind).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ from forge.train.perf import matmul_peak_flops
 from forge.train.precision import resolve_precision
 
 FP32 = ["train.precision=fp32"]
+EMULATED_BF16_N = 256     # the bf16 peak's matmul size where bf16 is emulated (forge.train.precision's probe)
 CASES = {   # name -> (spec, overrides), on CPU
     "phase1": ("specs/phase1.toml", FP32),
     "phase1 auto": ("specs/phase1.toml", []),             # as shipped: bf16 where native (NS too), else fp32
@@ -231,6 +234,8 @@ def main() -> None:
                                                             "logging step, no components): a third of the time")
     parser.add_argument("--steps-only", action="store_true", help="step and sections only (MFU and the "
                                                                   "optimizer's share)")
+    parser.add_argument("--name", help="results/NAME.json (default train_step, train_step_cuda or "
+                                       "train_step_quick): keeps another machine kind's figures")
     add_device_option(parser)
     args = parser.parse_args()
     setup_threads(args.threads)
@@ -251,8 +256,11 @@ def main() -> None:
     # the step of every spec, interleaved round by round; the breakdown cases of each spec next to it
     cases, sections = {}, {}
     n = 8192 if on_cuda else 2048
+    # an emulated bf16 (AVX2-only CPUs: >100x slower than fp32) is timed on a small matmul, else one n = 2048
+    # round of it would take minutes; its rate is what the table's bf16 column divides by all the same
+    sizes = {"fp32": n, "bf16": n if resolve_precision("auto", device).bf16_native else EMULATED_BF16_N}
     for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):   # the peaks, interleaved with the steps
-        cases[f"peak|{p}"] = lambda dtype=dtype: matmul_peak_flops(device, n=n, repeats=2, dtype=dtype)
+        cases[f"peak|{p}"] = lambda dtype=dtype, m=sizes[p]: matmul_peak_flops(device, n=m, repeats=2, dtype=dtype)
     for name, tr in trainers.items():
         cases[f"{name}|step"] = lambda tr=tr: tr.train_step(collect=False)
         if not (args.core or args.steps_only):
@@ -266,7 +274,7 @@ def main() -> None:
             cases[f"{name}|component {part}"] = fn
     # each peak case times 3 matmuls (a warm-up and 2 repeats); the median round's rate stands for the peak
     times = interleaved(cases, rounds, warmup=1, sync=device_sync(device))
-    peaks = {p: 3 * 2 * n ** 3 / statistics.median(times[f"peak|{p}"]) for p in ("fp32", "bf16")}
+    peaks = {p: 3 * 2 * sizes[p] ** 3 / statistics.median(times[f"peak|{p}"]) for p in ("fp32", "bf16")}
     peak = peaks["fp32"]
     for name, s in sections.items():   # the warm-up round's sections are dropped too
         for k in s:
@@ -307,8 +315,8 @@ def main() -> None:
                      f"{res['mfu']:.0%}", f"{res['mfu_fp32_peak']:.0%}", f"{res['mfu_bf16_peak']:.0%}",
                      f"{res['flops_per_token'] / 1e6:.0f}"]
                     + ([f"{res['max_memory_allocated_gb']:.2f}"] if on_cuda else []))
-    print(f"{device} matmul peaks (n={n}, median round, interleaved with the steps): fp32 {peaks['fp32'] / 1e9:.0f}, "
-          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"{device} matmul peaks (median round, interleaved with the steps): fp32 {peaks['fp32'] / 1e9:.1f} "
+          f"(n={sizes['fp32']}), bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s (n={sizes['bf16']})")
     print(table(["spec", "precision", "params", "batch x seq", "step (s)", "min (s)", "tokens/s", "MFU (own dtype)",
                  "MFU (fp32 peak)", "MFU (bf16 peak)", "MFLOP/token"] + (["max allocated (GB)"] if on_cuda else []),
                 rows))
@@ -316,9 +324,9 @@ def main() -> None:
         parts = {**res["sections_s"], **{f"c:{k}": v for k, v in res["components_s"].items()}}
         print(name, " ".join(f"{k}={v:.3f}" for k, v in parts.items()),
               f"max_logit={res.get('max_logit_tracking_s', 0):.3f} metrics={res['metrics_overhead_per_logging_step_s']:.3f}")
-    name = "train_step" + ("_cuda" if on_cuda else "") + ("_quick" if args.quick else "")
+    name = args.name or "train_step" + ("_cuda" if on_cuda else "") + ("_quick" if args.quick else "")
     write_result(name, {"threads": args.threads, "rounds": rounds, "device": str(device), "peak_flops": peak,
-                        "peak_flops_by_dtype": peaks, "cases": results})
+                        "peak_flops_by_dtype": peaks, "peak_n_by_dtype": sizes, "cases": results})
 
 
 if __name__ == "__main__":

@@ -77,6 +77,25 @@ def test_resolution_on_this_machine_follows_torchs_own_queries():
     print(f"this machine: {p.describe()}")
 
 
+def test_the_precision_check_on_this_machine_reports_what_auto_uses_and_judges_an_explicit_bf16():
+    """For real (no patching), the checklist item behind issue 18's two commands, on whatever CPU runs the
+    suite: for specs/phase1.toml it names the precision auto resolves to here, and with train.precision = bf16
+    it fails exactly where bf16 is not native, naming the measured slowdown (on an AVX2-only CPU: auto -> fp32,
+    and a failure). The CLI wiring (CFG-precision, critical, exit 1) is the patched test above."""
+    real = resolve_precision("auto", CPU)
+    auto = precision_native(CheckContext(load_spec(SPECS / "phase1.toml")))
+    assert auto.status == "pass" and auto.measured.startswith(f"auto -> {real.name} (cpu {real.capability}")
+    assert real.name == ("bf16" if real.bf16_native else "fp32")
+    bf16 = precision_native(CheckContext(load_spec(SPECS / "phase1.toml", ["train.precision=bf16"])))
+    if real.bf16_native:
+        assert bf16.status == "pass" and bf16.measured.startswith("bf16 (cpu")
+    else:
+        slowdown = 1 / real.peaks.bf16_speedup
+        assert bf16.status == "fail" and f"bf16 matmuls run {slowdown:.1f}x slower than fp32 here" in bf16.detail
+        assert slowdown > 1 and 'train.precision = "auto"' in bf16.detail
+    print(f"this machine: {auto.measured}; explicit bf16: {bf16.status}: {bf16.detail}")
+
+
 def test_the_peaks_are_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(prec, "measure_peaks", lambda device: calls.append(1) or NATIVE)
@@ -112,21 +131,36 @@ def test_the_real_measurement_recognises_emulated_bf16_quickly(monkeypatch):
     assert all(n == 256 for n, dtype in sizes if dtype == torch.bfloat16)
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_the_trainer_autocasts_what_auto_resolved(monkeypatch, tmp_path, native):
-    """On a CPU without native bf16 the step's matmuls run in fp32 (fp32 speed), with it in bf16."""
+def matmul_dtypes_of_a_step(tmp_path) -> tuple[set[torch.dtype], object]:
+    """The dtypes one FFN matmul's output takes during a train_step of tiny at train.precision = auto."""
     from forge.train.components import build_components
     from forge.train.loop import Trainer
 
-    machine(monkeypatch, native)
     resolved = load_spec(SPECS / "tiny.toml", ["train.precision=auto", "logging.wandb.mode=disabled"])
     parts = build_components(resolved.spec, tmp_path)
     trainer = Trainer(resolved, None, parts, None, None, None)
-    seen = []
-    parts.model.blocks[0].ffn.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    seen = set()
+    parts.model.blocks[0].ffn.down_proj.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
     trainer.train_step(collect=False)
-    assert set(seen) == {torch.bfloat16 if native else torch.float32}
+    return seen, trainer
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_trainer_autocasts_what_auto_resolved(monkeypatch, tmp_path, native):
+    """On a CPU without native bf16 the step's matmuls run in fp32 (fp32 speed), with it in bf16."""
+    machine(monkeypatch, native)
+    seen, trainer = matmul_dtypes_of_a_step(tmp_path)
+    assert seen == {torch.bfloat16 if native else torch.float32}
     assert trainer.precision.peak_flops == (NATIVE.bf16_flops if native else AVX2.fp32_flops)
+
+
+def test_the_step_on_this_machine_computes_in_what_auto_resolved(tmp_path):
+    """For real: a step's matmuls run in bf16 only where bf16 is native here (an AVX2-only CPU: fp32, so the
+    step runs at fp32 speed, never at bf16 emulation speed)."""
+    seen, trainer = matmul_dtypes_of_a_step(tmp_path)
+    assert seen == {torch.bfloat16 if trainer.precision.bf16_native else torch.float32}
+    assert trainer.precision.peak_flops == (trainer.precision.peaks.bf16_flops if trainer.precision.bf16_native
+                                            else trainer.precision.peaks.fp32_flops)
 
 
 def test_forge_check_fails_an_explicit_bf16_without_native_support(monkeypatch, run_cli, tmp_path):

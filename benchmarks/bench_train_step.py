@@ -47,7 +47,7 @@ from common import (add_device_option, device_sync, interleaved, resolve_device,
 from forge.model import build_model
 from forge.model.act import halting_loss
 from forge.model.objective import coherence_loss, diversity_penalty
-from forge.optim import build_lr_schedule, build_optimizer, qk_clip, set_max_logit_tracking
+from forge.optim import QKClip, build_lr_schedule, build_optimizer, qk_clip, set_max_logit_tracking
 from forge.spec.load import load_spec
 from forge.train.components import Components
 from forge.train.loop import Trainer
@@ -91,11 +91,12 @@ def build_trainer(path: str, overrides: list[str], device: torch.device = torch.
     spec = resolved.spec
     torch.manual_seed(spec.run.seed)
     model = build_model(spec.model, spec.objective).to(device)
-    set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
+    clip = QKClip(spec.optim.qk_clip, model)              # max-logit tracking on iff QK-clip is enabled
     precision = resolve_precision(spec.train.precision, device)
     optimizer = build_optimizer(spec.optim, model, precision)
     loader = RandomTokens(spec.model.vocab_size, spec.data.batch_size, spec.data.seq_len, spec.data.grad_accum)
-    parts = Components(model, optimizer, build_lr_schedule(spec.train, optimizer), None, loader, device, precision)
+    parts = Components(model, optimizer, build_lr_schedule(spec.train, optimizer), None, loader, device, clip,
+                       precision)
     return Trainer(resolved, None, parts, None, None, None)
 
 
@@ -236,6 +237,8 @@ def main() -> None:
                                                                   "optimizer's share)")
     parser.add_argument("--name", help="results/NAME.json (default train_step, train_step_cuda or "
                                        "train_step_quick): keeps another machine kind's figures")
+    parser.add_argument("--no-sections", action="store_true", help="with --steps-only: the step alone (no "
+                                                                   "optimizer share; half the time)")
     add_device_option(parser)
     args = parser.parse_args()
     setup_threads(args.threads)
@@ -266,7 +269,8 @@ def main() -> None:
         if not (args.core or args.steps_only):
             cases[f"{name}|logging step"] = lambda tr=tr: tr.train_step(collect=True)
         sections[name] = {k: [] for k in ("forward", "backward", "optimizer", "qk_clip")}
-        cases[f"{name}|sections"] = lambda tr=tr, s=sections[name]: sectioned_step(tr, s)
+        if not args.no_sections:
+            cases[f"{name}|sections"] = lambda tr=tr, s=sections[name]: sectioned_step(tr, s)
         if tr.spec.optim.qk_clip.enabled and not args.steps_only:
             cases[f"{name}|no max-logit fwd+bwd"] = fwd_bwd(tr, track_max_logit=False)
             cases[f"{name}|fwd+bwd"] = fwd_bwd(tr, track_max_logit=True)
@@ -303,7 +307,7 @@ def main() -> None:
                "mfu_bf16_peak": tokens / step["median_s"] * flops["total"] / peaks["bf16"],
                **memory.get(name, {}),
                "metrics_overhead_per_logging_step_s": logging["median_s"] - step["median_s"],
-               "sections_s": {k: statistics.median(v) for k, v in sections[name].items()},
+               "sections_s": {k: statistics.median(v) for k, v in sections[name].items() if v},
                "components_s": {k.split("component ")[1]: statistics.median(v) for k, v in times.items()
                                 if k.startswith(f"{name}|component ")}}
         if f"{name}|fwd+bwd" in times:

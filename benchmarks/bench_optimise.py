@@ -68,7 +68,8 @@ def loss_curve(precision: str, steps: int) -> list[float]:
     resolved = load_spec("specs/tiny.toml", [f"train.precision={precision}"])
     with tempfile.TemporaryDirectory() as cache:
         parts = build_components(resolved.spec, Path("data"), cache_dir=Path(cache))
-    parts = Components(parts.model, parts.optimizer, parts.schedule, parts.data, parts.loader, parts.device)
+    parts = Components(parts.model, parts.optimizer, parts.schedule, parts.data, parts.loader, parts.device,
+                       parts.qk_clip, parts.precision)
     trainer = Trainer(resolved, None, parts, None, None, None)
     return [float(trainer.train_step(collect=True)["loss/total"]) for _ in range(steps)]
 

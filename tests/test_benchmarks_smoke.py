@@ -50,6 +50,20 @@ def test_baselines_are_plain_adamw_transformers_of_the_same_size(baseline, stack
     assert abs(n_base - n_ref) / n_ref < 0.005
 
 
+def test_the_train_step_benchmarks_trainer_is_the_one_forge_train_builds():
+    """bench_train_step.build_trainer (also bench_profile's, bench_memory's, bench_optimise's): a real step
+    runs on it, with QK-clip wired as forge.train.components wires it."""
+    from bench_train_step import build_trainer
+
+    trainer = build_trainer(str(SPECS / "tiny.toml"), ["data.batch_size=2"])
+    before = [p.detach().clone() for p in trainer.parts.model.parameters()]
+    trainer.train_step(collect=False)
+    after = list(trainer.parts.model.parameters())
+    assert trainer.counters.step == 1 and all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(b, p) for b, p in zip(before, after))
+    assert trainer.parts.qk_clip.spec == trainer.spec.optim.qk_clip and trainer.precision.name == "fp32"
+
+
 def test_cli_benchmark_runs_and_writes_its_result():
     subprocess.run([sys.executable, "benchmarks/bench_cli.py", "--quick"], cwd=REPO, check=True,
                    capture_output=True, timeout=120)

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train_step.py [--threads 2] [--rounds 2] [--batch 8] [--quick]
                                                     [--device cpu|cuda|auto] [--cases NAME ...] [--core]
+                                                    [--steps-only [--no-sections]] [--name NAME]
 
 Per spec (phase1 and its AdamW variant, the same-size baseline, tiny and the tiny baseline; --batch sets
 data.batch_size, sequence length from the spec): the model, optimizer and schedule built from the spec
@@ -28,9 +29,9 @@ MFU = tokens/s x model FLOPs per token (forge.model.flops.model_flops_per_token,
 matmul peak measured in the same process, interleaved with the steps round by round so that outside load hits
 both alike (median round; CPU n = 2048, CUDA n = 8192; an emulated bf16 at n = 256): `mfu` against the peak of
 the dtype the step's matmuls run in (fp32, or bf16 under autocast), and both `mfu_fp32_peak` and
-`mfu_bf16_peak`; `mfu_best` from the fastest round. The result records the
-CPU's capability flags (common.cpu_flags). Writes benchmarks/results/train_step.json (--name: another name,
-e.g. train_step_avx2 for the AVX2-only machine kind).
+`mfu_bf16_peak`; `mfu_best` from the fastest round. The result records the CPU's capability flags
+(common.cpu_flags). Writes benchmarks/results/train_step.json (--name: another name, e.g. train_step_avx2
+for the AVX2-only machine kind, so that one kind's figures do not overwrite another's).
 """
 from __future__ import annotations
 

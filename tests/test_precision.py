@@ -2,7 +2,9 @@
 a measured bf16/fp32 matmul ratio, cached per machine), fp32 otherwise; the trainer autocasts what was resolved,
 perf/mfu uses that precision's measured peak, forge check reports it and fails an explicit bf16 that the device
 only emulates; environment.json and the start output record it. The capability query is patched to stand for
-an AVX2-only CPU and for a native one; one test resolves for real on this machine."""
+an AVX2-only CPU and for a native one; three tests run for real on whatever machine runs them (the resolution,
+the checklist item for phase1 as shipped and with an explicit bf16, a step's matmul dtype) and assert the
+outcome consistent with torch's queries and the measured ratio there."""
 from __future__ import annotations
 
 import json
@@ -82,13 +84,17 @@ def test_the_precision_check_on_this_machine_reports_what_auto_uses_and_judges_a
     suite: for specs/phase1.toml it names the precision auto resolves to here, and with train.precision = bf16
     it fails exactly where bf16 is not native, naming the measured slowdown (on an AVX2-only CPU: auto -> fp32,
     and a failure). The CLI wiring (CFG-precision, critical, exit 1) is the patched test above."""
-    real = resolve_precision("auto", CPU)
-    auto = precision_native(CheckContext(load_spec(SPECS / "phase1.toml")))
-    assert auto.status == "pass" and auto.measured.startswith(f"auto -> {real.name} (cpu {real.capability}")
+    from forge.train.components import resolve_device
+
+    spec = load_spec(SPECS / "phase1.toml")
+    real = resolve_precision("auto", resolve_device(spec.spec.train.device))   # the device the check resolves
+    auto = precision_native(CheckContext(spec))
+    where = f"({real.device} {real.capability}"
+    assert auto.status == "pass" and auto.measured.startswith(f"auto -> {real.name} {where}")
     assert real.name == ("bf16" if real.bf16_native else "fp32")
     bf16 = precision_native(CheckContext(load_spec(SPECS / "phase1.toml", ["train.precision=bf16"])))
     if real.bf16_native:
-        assert bf16.status == "pass" and bf16.measured.startswith("bf16 (cpu")
+        assert bf16.status == "pass" and bf16.measured.startswith(f"bf16 {where}")
     else:
         slowdown = 1 / real.peaks.bf16_speedup
         assert bf16.status == "fail" and f"bf16 matmuls run {slowdown:.1f}x slower than fp32 here" in bf16.detail

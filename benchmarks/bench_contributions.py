@@ -34,7 +34,8 @@ from forge.train.run_dir import RunDir
 ACT = ["model.act.head_input=answer", "model.act.ema_gain_tol=0.01", "model.act.freeze_halted=true"]
 CONTEXTUAL = ["model.memory.input_layer=1", "model.memory.conv_kernel=4", "model.memory.gates=data_dependent",
               "model.memory.qkv_activation=silu"]
-TITANS = ["model.memory.variant=mlp", *CONTEXTUAL]
+TITANS = ["model.memory.variant=mlp", *CONTEXTUAL]   # = the shipped specs' memory; spelled out, as ACT is, so
+# that a variant means what it meant when measured whatever the defaults become
 # the memory as it was before #21: a linear map reading the token embeddings, fixed momentum and forgetting
 LINEAR = ["model.memory.variant=linear", "model.memory.input_layer=0", "model.memory.conv_kernel=0",
           "model.memory.gates=fixed", "model.memory.qkv_activation=identity"]

@@ -216,7 +216,7 @@ def test_export_is_a_folder_hf_tools_load_and_reproduces_the_run_logits(tiny_run
         newest = load_run_model(run)[1](idx).logits
     assert not torch.equal(newest, model(idx).logits)   # step 6 differs: --step chose the checkpoint
     card = (out / "README.md").read_text()
-    assert "| parameter budget | 814,722 |" in card and "valid bits per byte" in card
+    assert "| parameter budget | 830,084 |" in card and "valid bits per byte" in card
     # into a folder that holds something: refused, nothing written
     code, _, err = run_cli("export", "t", str(out), cwd=run.parent.parent)
     assert code == 2 and "not an empty directory" in err

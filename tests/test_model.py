@@ -82,14 +82,17 @@ def test_same_batch_twice_in_eval_gives_identical_logits():
 # ------------------------------------------------------------------------------------------ gradients
 
 def test_gradient_reaches_every_parameter_that_should_learn():
-    """Embedding, every block, memory (incl. M0 and the step size), gate, TRM refiner and ACT head."""
+    """Embedding, every block, memory (the shipped Titans memory: the MLP's initial weights, the step size, the
+    data-dependent gates and the convolution), gate, TRM refiner and ACT head."""
     model = small_model("objective.attention_entropy=0.01").train()
     idx, targets = batch(B=3, T=32)
     out = model(idx, targets, act_loss_weight=1.0)
     out.loss.backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert dead == []
-    assert model.memory.init_left.grad.abs().sum() > 0 and model.trm.act.weight.grad.abs().sum() > 0
+    memory = model.memory
+    assert all(w.grad.abs().sum() > 0 for w in memory.init_weights) and memory.conv_weight.grad.abs().sum() > 0
+    assert memory.decay_weight.grad.abs().sum() > 0 and model.trm.act.weight.grad.abs().sum() > 0
 
 
 def test_state_gradient_norms_are_recorded_on_request_only():
@@ -151,9 +154,14 @@ def test_halting_thresholds_set_the_average_steps():
     assert averages == sorted(averages, reverse=True) and averages[1] > averages[3]
 
 
+# Without act.freeze_halted every token is refined at every step that runs (the full computation, as the
+# decoder without skip_halted); the frozen computation has its own tests (test_model_act.py).
+FULL_DEPTH = "model.act.freeze_halted=false"
+
+
 @pytest.mark.parametrize("bias,calls,step", [(20.0, 3, 0), (-20.0, 9, 2)])
 def test_halted_steps_are_really_skipped(bias, calls, step):
-    model = with_halting_head(small_model(), weight_scale=0.0, bias=bias).eval()
+    model = with_halting_head(small_model(FULL_DEPTH), weight_scale=0.0, bias=bias).eval()
     counted = count_calls(model.trm.net)
     idx, _ = batch()
     with torch.no_grad():
@@ -164,7 +172,7 @@ def test_halted_steps_are_really_skipped(bias, calls, step):
 
 
 def test_each_token_uses_the_first_step_whose_halt_probability_exceeds_the_threshold():
-    model = with_halting_head(small_model(), weight_scale=1.0, bias=0.0).eval()
+    model = with_halting_head(small_model(FULL_DEPTH), weight_scale=1.0, bias=0.0).eval()
     halt_logits = count_calls(model.trm.act)
     idx, targets = batch()
     with torch.no_grad():
@@ -350,12 +358,14 @@ def test_budget_check_fails_when_the_model_outgrows_it():
 
 def test_parameters_follow_the_optimizer_routing_contract():
     """Only the tied embedding is an nn.Embedding; every other 2-D parameter is a Muon matrix; every 1-D one a
-    norm gain, the ACT head or the memory step size; no Linear has a bias."""
+    norm gain, the ACT head, or the memory's step size, data-dependent gates and convolution taps; no Linear has
+    a bias."""
     model = small_model()
     assert model.lm_head(torch.zeros(1, 1, 32)).shape[-1] == V and model.tok_emb.weight.shape == (V, 32)
     assert [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)] == ["tok_emb"]
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
     one_d = {n for n, p in model.named_parameters() if p.dim() == 1}
     norms = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, RMSNorm)}
-    assert one_d == norms | {"trm.act.weight", "trm.act.bias", "memory.step_size_weight", "memory.step_size_bias"}
+    memory = {f"memory.{name}_{kind}" for name in ("step_size", "momentum", "decay") for kind in ("weight", "bias")}
+    assert one_d == norms | {"trm.act.weight", "trm.act.bias", "memory.conv_weight"} | memory
     assert all(p.dim() in (1, 2) for p in model.parameters())

@@ -172,7 +172,8 @@ def frozen_reference(model, idx: torch.Tensor) -> torch.Tensor:
         rope = model.rope(idx.shape[1], idx.device)
         out = None
         for t, (y, z) in enumerate(trm.steps(model.encode(idx, rope)[0], rope)):
-            stop = (torch.sigmoid(trm.act(z)) > model.spec.act.halt_thresh) | (t == trm.t_max - 1)
+            state = y if model.spec.act.head_input == "answer" else z
+            stop = (torch.sigmoid(trm.act(state)) > model.spec.act.halt_thresh) | (t == trm.t_max - 1)
             newly = stop & ~halted
             logits = model.lm_head(y)
             out = logits if out is None else torch.where(newly[..., None], logits, out)
@@ -198,10 +199,11 @@ def test_frozen_halting_computes_the_documented_semantics(attention):
     assert (out.logits - full[2]).abs().amax(-1)[running].max() > 1e-3   # freezing changes running tokens
 
 
-@pytest.mark.parametrize("attention", ATTENTION + ["type=sliding_window;8;answer"])
+@pytest.mark.parametrize("attention", ATTENTION + ["type=sliding_window;8;latent"])
 def test_frozen_halting_is_causal(attention):
-    attention, answer_head = attention.removesuffix(";answer"), attention.endswith(";answer")
-    model = frozen_model(attention, -0.5, *(["model.act.head_input=answer"] if answer_head else []))
+    """The shipped halting head reads the answer state; ";latent": the head reading the latent z."""
+    attention, latent_head = attention.removesuffix(";latent"), attention.endswith(";latent")
+    model = frozen_model(attention, -0.5, *(["model.act.head_input=latent"] if latent_head else []))
     idx, _ = batch()
     with torch.no_grad():
         before = model(idx, halt=True)
@@ -250,11 +252,12 @@ def test_halted_tokens_stop_costing_feed_forward_and_query_work():
 
 
 def test_without_freezing_the_share_counts_every_token_of_every_step_run():
-    model = with_halting_head(small_model(), weight_scale=0.0, bias=20.0).eval()   # all halt at step 0
+    unfrozen = "model.act.freeze_halted=false"
+    model = with_halting_head(small_model(unfrozen), weight_scale=0.0, bias=20.0).eval()   # all halt at step 0
     idx, _ = batch()
     with torch.no_grad():
         out = model(idx, halt=True)
-        mixed = with_halting_head(small_model(), weight_scale=1.0, bias=0.0).eval()(idx, halt=True)
+        mixed = with_halting_head(small_model(unfrozen), weight_scale=1.0, bias=0.0).eval()(idx, halt=True)
     assert out.metrics["act/compute_share"].item() == pytest.approx(1 / 3)
     assert mixed.metrics["act/compute_share"].item() == 1.0 and mixed.metrics["act/halted_early_share"] > 0
     assert "act/compute_share" not in model(idx).metrics                  # only under halting

@@ -141,12 +141,15 @@ from forge.spec.load import load_spec                             # noqa: E402
 SMALL = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=48",
          "model.memory.d_mem=16", "model.memory.rank=4", "model.memory.chunk_size=8", "model.gate.hidden=16",
          "model.trm.ffn_hidden=48", "model.attention.sw_window=8"]
+# Each variant spelled out in full (the shipped specs' memory is the Titans one: mlp_titans at depth 2)
+LINEAR = ["model.memory.variant=linear", "model.memory.gates=fixed", "model.memory.conv_kernel=0",
+          "model.memory.qkv_activation=identity", "model.memory.input_layer=0"]
 TITANS = ["model.memory.gates=data_dependent", "model.memory.conv_kernel=4", "model.memory.qkv_activation=silu"]
 MEMORY_VARIANTS = {
-    "linear": [],
-    "linear_titans": TITANS + ["model.memory.input_layer=1"],
-    "mlp": ["model.memory.variant=mlp"],
-    "mlp_titans": ["model.memory.variant=mlp", "model.memory.depth=3", "model.memory.input_layer=2"] + TITANS,
+    "linear": LINEAR,
+    "linear_titans": LINEAR + TITANS + ["model.memory.input_layer=1"],
+    "mlp": LINEAR + ["model.memory.variant=mlp"],
+    "mlp_titans": LINEAR + ["model.memory.variant=mlp", "model.memory.depth=3", "model.memory.input_layer=2"] + TITANS,
 }
 
 
@@ -269,11 +272,11 @@ def test_parameter_count_of_the_mlp_memory():
 def test_titans_options_start_as_the_linear_memory_they_extend():
     """The convolution starts as the identity and the data-dependent gates at spec.momentum and spec.decay."""
     torch.manual_seed(0)
-    plain = load_spec(SPECS / "tiny.toml", SMALL).spec
+    plain = load_spec(SPECS / "tiny.toml", SMALL + LINEAR).spec
     torch.manual_seed(0)
     base = build_model(plain.model, plain.objective).memory
-    spec = load_spec(SPECS / "tiny.toml", SMALL + ["model.memory.gates=data_dependent",
-                                                   "model.memory.conv_kernel=3"]).spec
+    spec = load_spec(SPECS / "tiny.toml", SMALL + LINEAR + ["model.memory.gates=data_dependent",
+                                                            "model.memory.conv_kernel=3"]).spec
     torch.manual_seed(0)
     extended = build_model(spec.model, spec.objective).memory
     h = torch.randn(B, 20, 32)
@@ -329,11 +332,13 @@ def test_analytic_flops_of_the_mlp_memory_match_torch_counter():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_roofline import counted_flops_per_token
 
-    spec = load_spec(SPECS / "tiny.toml", ["model.memory.variant=mlp", "model.memory.gates=data_dependent"]).spec
-    torch.manual_seed(0)
-    model = build_model(spec.model, spec.objective)
-    analytic = model_flops_per_token(spec.model, 64)
-    counted = counted_flops_per_token(model, 64, 1, spec.model.vocab_size, track_max_logit=False)
-    assert counted == pytest.approx(analytic["total"] - analytic["attention"], rel=5e-3)
-    linear = load_spec(SPECS / "tiny.toml").spec
-    assert analytic["memory"] > 1.5 * model_flops_per_token(linear.model, 64)["memory"]
+    linear = load_spec(SPECS / "tiny.toml", LINEAR).spec
+    for T, chunks in ((64, 2), (80, 3)):            # whole chunks, and a partial last chunk (32, 32, 16)
+        spec = load_spec(SPECS / "tiny.toml", LINEAR + ["model.memory.variant=mlp", "model.memory.depth=3"]).spec
+        assert -(-T // spec.model.memory.chunk_size) == chunks
+        torch.manual_seed(0)
+        model = build_model(spec.model, spec.objective)
+        analytic = model_flops_per_token(spec.model, T)
+        counted = counted_flops_per_token(model, T, 1, spec.model.vocab_size, track_max_logit=False)
+        assert counted == pytest.approx(analytic["total"] - analytic["attention"], rel=1e-3)
+        assert analytic["memory"] > 1.5 * model_flops_per_token(linear.model, T)["memory"]

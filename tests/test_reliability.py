@@ -223,7 +223,7 @@ def test_schema_rejects_non_finite_numbers_and_integers_beyond_int64(override, m
 def test_a_model_beyond_memory_is_refused_before_allocation(run_cli, tmp_path):
     code, _, err = run_cli("check", str(SPECS / "tiny.toml"), "--set", "model.vocab_size=1000000000000",
                            cwd=tmp_path)
-    assert code == 2 and "128,000,000,552,578 parameters" in err and "reduce model.vocab_size" in err
+    assert code == 2 and "128,000,000,567,940 parameters" in err and "reduce model.vocab_size" in err
 
 
 def test_output_dir_that_is_a_file_is_refused_before_the_checklist(run_cli, tmp_path):

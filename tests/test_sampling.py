@@ -14,7 +14,10 @@ from forge.spec.load import load_spec
 
 SMALL = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=48",
          "model.memory.d_mem=16", "model.memory.rank=4", "model.memory.chunk_size=8", "model.gate.hidden=16",
-         "model.trm.ffn_hidden=48", "model.attention.sw_window=8"]
+         "model.trm.ffn_hidden=48", "model.attention.sw_window=8",
+         # the decoder without skip_halted refines every token at every step: the forward without frozen
+         # halted tokens (the shipped act.freeze_halted = true is skip_halted's semantics, tested below)
+         "model.act.freeze_halted=false"]
 V = 64
 VARIANTS = {
     "phase1": [],

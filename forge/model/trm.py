@@ -73,8 +73,11 @@ class FrozenTokens:
 
 class Rows:
     """Running tokens of one outer step: their flat indices into (B * T) rows, sorted by sequence, the
-    per-sequence padded layout their queries attend in (flat indices into (B * n_max) rows, mask rows
-    (B, 1, n_max, T)), and their RoPE tables (n, 1, hd), built once per step for every application and layer."""
+    per-sequence padded layout their queries attend in (flat indices into (B * n_max) rows, attended in up to
+    QUERY_BLOCKS blocks of slots with their mask rows), and their RoPE tables (n, 1, hd), built once per step
+    for every application and layer."""
+
+    QUERY_BLOCKS = 4
 
     def __init__(self, running: torch.Tensor, pattern: AttentionPattern, rope: RopeTables):
         B, T = running.shape
@@ -91,7 +94,15 @@ class Rows:
         self.padded = b * self.n_max + slot
         # padding rows sit at position 0 (key 0 always visible to them): finite, then dropped
         pos = torch.zeros(B * self.n_max, dtype=torch.long, device=running.device).index_copy_(0, self.padded, p)
-        self.mask = pattern.mask(T, running.device)[pos.view(B, self.n_max)].unsqueeze(1)
+        pos = pos.view(B, self.n_max)
+        mask = pattern.mask(T, running.device)[pos].unsqueeze(1)
+        # Query blocks of the padded layout, each against the keys up to its last position (causal: no query
+        # sees a later key), so that attention over the running rows skips the keys after them, as the full
+        # computation's causal kernel does: (first slot, end slot, keys, mask rows (B, 1, slots, keys)).
+        size = max(32, -(-self.n_max // self.QUERY_BLOCKS))
+        bounds = [(a, min(a + size, self.n_max)) for a in range(0, self.n_max, size)]
+        keys = torch.stack([pos[:, a:b].max() for a, b in bounds]).add(1).tolist()
+        self.blocks = [(a, b, k, mask[:, :, a:b, :k].contiguous()) for (a, b), k in zip(bounds, keys)]
         self.rope = tuple(table[p].unsqueeze(1) for table in rope)
 
     def gather(self, full: torch.Tensor) -> torch.Tensor:
@@ -130,8 +141,9 @@ def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
     V.view(B * T, H, hd).index_copy_(0, rows.flat, attn.v_proj(h).view(-1, H, hd))
     q = apply_rope(attn.q_proj(h).view(-1, H, hd), rows.rope)
     q_pad = q.new_zeros(B * rows.n_max, H, hd).index_copy_(0, rows.padded, q).view(B, rows.n_max, H, hd)
-    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
-                                         attn_mask=rows.mask)                        # (B, H, n_max, hd)
+    q_pad, K_, V_ = q_pad.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2)
+    out = torch.cat([F.scaled_dot_product_attention(q_pad[:, :, a:b], K_[:, :, :k], V_[:, :, :k], attn_mask=mask)
+                     for a, b, k, mask in rows.blocks], dim=2)                      # (B, H, n_max, hd)
     out = out.transpose(1, 2).reshape(B * rows.n_max, H * hd).index_select(0, rows.padded)
     return attn.o_proj(out), (K, V)
 

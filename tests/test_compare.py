@@ -58,10 +58,12 @@ def test_plan_is_the_cartesian_product_with_the_budget_applied():
     budget = Budget.parse("tokens=1000")
     variants = plan_variants([TINY], [*VARY, "optim.grokfast.lam=0.1,0.3"], SMALL, 2, budget.overrides)
     assert len(variants) == 2 * 2 * 2
-    assert variants[0].name == "enabled-true_lam-0.1_seed0" and variants[-1].name == "enabled-false_lam-0.3_seed1"
-    assert variants[-1].overrides == ("optim.grokfast.enabled=false", "optim.grokfast.lam=0.3", "run.seed=1")
+    seed = plan_variants([TINY], VARY, SMALL, 1)[0].resolved.spec.run.seed     # the spec's run.seed
+    assert variants[0].name == f"enabled-true_lam-0.1_seed{seed}"
+    assert variants[-1].name == f"enabled-false_lam-0.3_seed{seed + 1}"
+    assert variants[-1].overrides == ("optim.grokfast.enabled=false", "optim.grokfast.lam=0.3", f"run.seed={seed + 1}")
     spec = variants[0].resolved.spec
-    assert spec.optim.grokfast.lam == 0.1 and spec.run.seed == 0 and variants[-1].resolved.spec.run.seed == 1
+    assert spec.optim.grokfast.lam == 0.1 and spec.run.seed == seed and variants[-1].resolved.spec.run.seed == seed + 1
     assert spec.train.max_steps == 4                     # the fewest steps of 256 tokens that reach 1000
     assert len({v.resolved.hash for v in variants}) == 8
 

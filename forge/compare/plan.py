@@ -59,13 +59,15 @@ def _name(spec: Path, several_specs: bool, assignments: list[tuple[str, str]], s
     return _slug("_".join(parts))
 
 
-def plan_variants(specs: list[Path], vary: list[str], shared: list[str], seeds: int,
+def plan_variants(specs: list, vary: list[str], shared: list[str], seeds: int,
                   budget_overrides=lambda resolved: []) -> list[Variant]:
     """Every spec x every combination of the --vary values x `seeds` seeds (run.seed, run.seed + 1, ...).
+    A spec is a path, or (path, its own overrides): a variant the product cannot spell (benchmarks/bench_quality).
     `shared`: --set overrides for every variant; `budget_overrides(resolved)`: the budget's own (train.max_steps
     for a tokens budget), applied last. Raises SpecError (exit 2) naming the key before anything is written."""
     if not specs:
         raise ForgeError("give at least one SPEC to compare")
+    specs = [(Path(s), []) if isinstance(s, (str, Path)) else (Path(s[0]), list(s[1])) for s in specs]
     axes = [parse_vary(item) for item in vary]
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
@@ -73,10 +75,10 @@ def plan_variants(specs: list[Path], vary: list[str], shared: list[str], seeds: 
     if seeds < 1:
         raise ForgeError(f"--seeds must be at least 1 (got {seeds})")
     variants: list[Variant] = []
-    for spec in specs:
-        base = load_spec(spec, shared)
+    for spec, fixed in specs:
+        base = load_spec(spec, [*shared, *fixed])
         for combo in itertools.product(*[values for _, values in axes]):
-            assignments = list(zip(keys, combo))
+            assignments = [*(tuple(a.split("=", 1)) for a in fixed), *zip(keys, combo)]
             for i in range(seeds):
                 seed = base.spec.run.seed + i if seeds > 1 else None
                 own = [f"{k}={v}" for k, v in assignments] + ([f"run.seed={seed}"] if seed is not None else [])

@@ -116,17 +116,11 @@ def new_comparison_id(now: dt.datetime | None = None) -> str:
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"host": platform.node(), "platform": platform.platform(), "processor": _cpu_model(),
+    from forge.train.precision import cpu_name
+
+    return {"host": platform.node(), "platform": platform.platform(), "processor": cpu_name(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 @dataclass
@@ -151,6 +145,7 @@ def run_comparison(request: Request, max_slices: int | None = None) -> Outcome:
         path, record = _reopen(request.resume, request.output_dir or Path("runs"))
         slots = [Slot(entry) for entry in record["variants"]]
         budget = Budget(**record["budget"])
+        record["status"] = "running"
     else:
         path, record, slots, budget = _create(request)
     serial = record["order"] == "serial"

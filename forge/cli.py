@@ -246,12 +246,15 @@ def compare(specs: Optional[List[Path]] = typer.Argument(None, help="Spec TOML f
     """Train variants against each other (each an ordinary run, runs/<id>-<variant>/) at an equal budget; print
     the ranked table (held-out bits/byte overall and per source, difference to the first variant and its
     noise), write the page with overlaid curves. Exit 0 finished, 130 interrupted (--resume ID), 1 a failure."""
+    import contextlib
+
     from forge.compare.run import Request, run_comparison
     from forge.compare.view import comparison_view, render_terminal, write_html
 
     request = Request(list(specs or []), list(vary or []), list(overrides or []), budget, seeds, serial,
                       comparison_id, resume, output_dir, force, nproc, data_dir)
-    outcome = run_comparison(request)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():   # stdout: the JSON
+        outcome = run_comparison(request)
     view = comparison_view(outcome.path, outcome.record)
     page = write_html(view, html_path or outcome.path / "comparison.html")
     if as_json:

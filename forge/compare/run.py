@@ -20,6 +20,7 @@ import datetime as dt
 import os
 import platform
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def run_comparison(request: Request, max_slices: int | None = None) -> Outcome:
     with _Stop() as stop:
         try:
             for slot in slots:
-                _open(slot, record, path, budget, request.force, data_dir, resume=bool(request.resume))
+                _open(slot, record, path, request.force, data_dir)
                 _save(path, record)
                 if stop.reason:
                     break
@@ -201,7 +202,7 @@ def _create(request: Request):
     keys = {held_out_key(v.resolved) for v in variants}
     record = {"format": FORMAT, "id": cid, "created": dt.datetime.now().isoformat(timespec="seconds"),
               "order": "serial" if request.serial else "round-robin", "budget": budget.to_json(),
-              "specs": [str(s) for s in request.specs], "vary": list(request.vary), "shared_overrides": shared,
+              "specs": list(request.specs), "vary": list(request.vary), "shared_overrides": shared,
               "seeds": request.seeds, "machine": machine(), "same_held_out_batches": len(keys) == 1,
               "status": "running", "stop_reason": None,
               "variants": [{**v.record(), "run_id": f"{cid}-{v.name}", "group": _group(v, request.seeds),
@@ -234,7 +235,7 @@ def _save(path: Path, record: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ variants
-def _open(slot: Slot, record: dict, path: Path, budget: Budget, force: bool, data_dir: Path, resume: bool) -> None:
+def _open(slot: Slot, record: dict, path: Path, force: bool, data_dir: Path) -> None:
     """Gate (new) or reopen (resumed) the variant's run and set it up to its first slice."""
     from forge.spec.load import load_spec
     from forge.train import launch
@@ -256,11 +257,13 @@ def _open(slot: Slot, record: dict, path: Path, budget: Budget, force: bool, dat
                                      f"{slot.resolved.hash[:12]} != recorded {entry['spec_hash'][:12]})")
                 return
         ui.print_text(f"[{entry['name']}] checking {entry['spec']} {' '.join(entry['overrides'])}".rstrip())
+        t0 = time.perf_counter()
         refused, slot.run = launch.start(slot.resolved, run_id=entry["run_id"], force=force, data_dir=data_dir)
         if refused:
             ui.render_checklist(refused.checklist, entry["spec"], slot.resolved.hash)
             _end(slot, "refused", refused.message)
             return
+        ui.render_checklist_summary(slot.run.read("checklist.json"), time.perf_counter() - t0)
         existing = False
     slot.slices = launch.train_in_slices(slot.resolved, slot.run, resume=existing, max_steps=None,
                                          data_dir=data_dir, tty=False)

@@ -131,11 +131,19 @@ def test_resume_finishes_every_variant_at_equal_tokens(interrupted, run_cli):
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")   # nothing fetched
 
 
-def test_minutes_budget_serial_gives_each_variant_its_training_seconds(run_cli, tmp_path):
+def test_minutes_budget_serial_gives_each_variant_its_training_seconds(run_cli, tmp_path, monkeypatch):
+    """Also: W&B offline, one W&B run per variant in the one process (not the first run returned again)."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    sets = [*SMALL[:-1], "logging.wandb.mode=offline"]
     code, out, err = run_cli("compare", str(TINY), "--vary", VARY[0], "--budget", "minutes=0.002", "--serial",
-                             "--force", "--id", "m1", "--json", "--data-dir", str(tmp_path), *_sets(SMALL),
+                             "--force", "--id", "m1", "--json", "--data-dir", str(tmp_path), *_sets(sets),
                              cwd=tmp_path)
     assert code == 0, (out, err)
+    for name in ("enabled-true", "enabled-false"):
+        assert len(list((tmp_path / "runs" / f"m1-{name}" / "wandb").glob(f"offline-run-*-m1-{name}"))) == 1
     view = json.loads(out)
     record = json.loads((tmp_path / "runs" / "m1" / "comparison.json").read_text())
     assert record["order"] == "serial" and record["status"] == "finished"

@@ -143,7 +143,8 @@ def test_minutes_budget_serial_gives_each_variant_its_training_seconds(run_cli, 
                              cwd=tmp_path)
     assert code == 0, (out, err)
     for name in ("enabled-true", "enabled-false"):
-        assert len(list((tmp_path / "runs" / f"m1-{name}" / "wandb").glob(f"offline-run-*-m1-{name}"))) == 1
+        # W&B's default (return_previous) would hand the second variant the first one's run: no file of its own
+        assert len(list((tmp_path / "runs" / f"m1-{name}" / "wandb").glob(f"offline-run-*-m1-{name}/run-m1-{name}.wandb"))) == 1
     view = json.loads(out)
     record = json.loads((tmp_path / "runs" / "m1" / "comparison.json").read_text())
     assert record["order"] == "serial" and record["status"] == "finished"

@@ -277,8 +277,8 @@ def report(run_ids: List[str] = typer.Argument(..., help="One run id, or several
     --html in <first run>/comparison.html) and the criteria side by side."""
     from dataclasses import asdict
 
-    from forge.report.criteria import RunRecord, success_criteria
     from forge.compare.view import build_view, read_run, render_terminal as render_view, write_html as comparison_html
+    from forge.report.criteria import RunRecord, success_criteria
     from forge.report.render import render_comparison, render_terminal, write_html as html_page, write_plots
     from forge.train.run_dir import RunDir
 

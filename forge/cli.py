@@ -218,23 +218,84 @@ def diagnose(target: str = typer.Argument(..., metavar="RUN_ID|PATH.jsonl",
 
 
 @app.command()
+def compare(specs: Optional[List[Path]] = typer.Argument(None, help="Spec TOML files: each one a variant (times "
+                                                                     "the --vary combinations)."),
+            vary: Optional[List[str]] = typer.Option(None, "--vary", metavar="KEY=V1,V2",
+                                                     help="Variants: one per value (repeatable: every "
+                                                          "combination), e.g. optim.grokfast.enabled=true,false"),
+            overrides: Optional[List[str]] = SetOption,
+            budget: Optional[str] = typer.Option(None, "--budget", metavar="tokens=N|minutes=M",
+                                                 help="The same training tokens, or the same training minutes "
+                                                      "(steps alone, no evaluation), for every variant."),
+            serial: bool = typer.Option(False, "--serial", help="Train the variants one after another "
+                                                                "[default: in turns, a slice each]."),
+            seeds: int = typer.Option(1, "--seeds", min=1, help="Repeat every variant with N seeds "
+                                                                "(run.seed, +1, ...): noise across seeds."),
+            resume: Optional[str] = typer.Option(None, "--resume", metavar="ID", help="Continue comparison ID."),
+            comparison_id: Optional[str] = typer.Option(None, "--id", help="Comparison id [default: "
+                                                                           "cmp-<date>-<hex>]."),
+            html_path: Optional[Path] = typer.Option(None, "--html", metavar="PATH",
+                                                     help="Write the page here [default: "
+                                                          "<output-dir>/<id>/comparison.html]."),
+            output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Directory of the runs "
+                                                                                 "[default: run.output_dir]."),
+            nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Not supported by compare (exit 2)."),
+            force: bool = typer.Option(False, "--force", help="Launch variants whose checklist fails."),
+            data_dir: Optional[Path] = DataDirOption,
+            as_json: bool = JsonOption) -> None:
+    """Train variants against each other (each an ordinary run, runs/<id>-<variant>/) at an equal budget; print
+    the ranked table (held-out bits/byte overall and per source, difference to the first variant and its
+    noise), write the page with overlaid curves. Exit 0 finished, 130 interrupted (--resume ID), 1 a failure."""
+    import contextlib
+
+    from forge.compare.run import Request, run_comparison
+    from forge.compare.view import comparison_view, render_terminal, write_html
+
+    request = Request(list(specs or []), list(vary or []), list(overrides or []), budget, seeds, serial,
+                      comparison_id, resume, output_dir, force, nproc, data_dir)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():   # stdout: the JSON
+        outcome = run_comparison(request)
+    view = comparison_view(outcome.path, outcome.record)
+    page = write_html(view, html_path or outcome.path / "comparison.html")
+    if as_json:
+        ui.print_json({"id": outcome.record["id"], "status": outcome.status, "html": str(page), **view.to_json()})
+    else:
+        render_terminal(view)
+        ui.print_text(f"wrote {page}")
+        if outcome.status == "interrupted":
+            ui.print_text(f"continue with: forge compare --resume {outcome.record['id']}")
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
 def report(run_ids: List[str] = typer.Argument(..., help="One run id, or several to compare side by side."),
            output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Directory that holds the runs."),
            write_html: bool = typer.Option(False, "--html", help="Also write <run>/report.html (self-contained)."),
            as_json: bool = JsonOption) -> None:
-    """The design's success-criteria table, curves as sparklines and PNGs (<run>/plots/)."""
+    """The design's success-criteria table, curves as sparklines and PNGs (<run>/plots/). Several runs: the
+    comparison view of forge compare (steps, tokens, bits/byte per source, spec diff, overlaid curves with
+    --html in <first run>/comparison.html) and the criteria side by side."""
     from dataclasses import asdict
 
+    from forge.compare.view import build_view, read_run, render_terminal as render_view, write_html as comparison_html
     from forge.report.criteria import RunRecord, success_criteria
     from forge.report.render import render_comparison, render_terminal, write_html as html_page, write_plots
     from forge.train.run_dir import RunDir
 
+    if len(run_ids) > 1:
+        runs = [RunDir.open(output_dir, r) for r in run_ids]
+        view = build_view([read_run(run) for run in runs], f"forge report {' '.join(run_ids)}")
+        if as_json:
+            ui.print_json(view.to_json())
+            return
+        render_view(view)
+        render_comparison([RunRecord.load(run) for run in runs])
+        if write_html:
+            ui.print_text(f"wrote {comparison_html(view, runs[0].path / 'comparison.html')}")
+        return
     recs = [RunRecord.load(RunDir.open(output_dir, r)) for r in run_ids]
     if as_json:
         ui.print_json({rec.run.run_id: [asdict(c) for c in success_criteria(rec)] for rec in recs})
-        return
-    if len(recs) > 1:
-        render_comparison(recs)
         return
     plots = write_plots(recs[0])
     render_terminal(recs[0], plots)

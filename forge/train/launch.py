@@ -5,6 +5,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +110,24 @@ def _verified_spec(run: RunDir) -> ResolvedSpec:
 
 def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int | None, data_dir: Path,
           tty: bool | None = None, world: World = SINGLE, from_step: int | None = None) -> LaunchResult:
-    """Run (or continue) training in `run` until max_steps (default: train.max_steps). Under torchrun every
-    rank calls this with its `world`; rank 0 alone writes to the run directory.
+    """Run (or continue) training in `run` until max_steps (default: train.max_steps): train_in_slices in one
+    slice. Under torchrun every rank calls this with its `world`; rank 0 alone writes to the run directory."""
+    slices = train_in_slices(resolved, run, resume=resume, max_steps=max_steps, data_dir=data_dir, tty=tty,
+                             world=world, from_step=from_step)
+    try:
+        next(slices)
+        while True:
+            slices.send(sys.maxsize)
+    except StopIteration as done:
+        return done.value
+
+
+def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int | None, data_dir: Path,
+                    tty: bool | None = None, world: World = SINGLE, from_step: int | None = None):
+    """train() as a generator, so that several runs can take turns in one process (forge compare): it yields
+    the Trainer once set up and after each slice; the caller sends the step to train until next (each slice
+    ends with an evaluation and a checkpoint), or None to pause: the run ends interrupted at that checkpoint,
+    resumable. Returns (StopIteration.value) the LaunchResult once the run has ended.
 
     A resume continues from the newest checkpoint that loads (or the one at `from_step`), walking back over
     those that do not with one line each. Until it has one nothing is written: a refused resume leaves the
@@ -161,7 +178,14 @@ def train(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_steps: int |
                       + (f" on {world.size} processes" if world.distributed else ""))
         if main:
             run.set_status("running", step=start_step, world_size=world.size)
-        status = trainer.run_until(stop_at)
+        target = yield trainer
+        while target is not None:
+            status = trainer.run_until(min(target, stop_at))
+            if status != "finished" or trainer.counters.step >= stop_at:
+                break
+            target = yield trainer
+        else:
+            status, trainer.stop_reason = "interrupted", trainer.stop_reason or "paused"
         c = trainer.counters
         why = {"failed": "error", "interrupted": "reason"}.get(status)
         if main:

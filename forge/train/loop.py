@@ -270,6 +270,11 @@ class Trainer:
         return torch.autocast(self.parts.device.type, enabled=False)
 
     # ------------------------------------------------------------------------------ logging
+    @property
+    def train_seconds(self) -> float:
+        """Time spent in training steps by this Trainer (no evaluation, logging or checkpoint writing)."""
+        return self._timing["train"]
+
     def perf_metrics(self) -> dict[str, float]:
         t = self._timing
         out = {"perf/tokens_per_sec": t["window_tokens"] / max(t["window_time"], 1e-9),

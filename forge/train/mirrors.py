@@ -42,6 +42,7 @@ def wandb_settings(wandb_spec, run_id: str, run_name: str, run_dir: Path, spec_h
 
 class WandbMirror:
     name = "wandb"
+    open_runs = 0     # W&B runs open in this process (forge compare trains several at once)
 
     def __init__(self, settings: dict[str, Any], config: dict[str, Any], log_checkpoints: bool):
         import wandb
@@ -49,8 +50,10 @@ class WandbMirror:
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
         self.log_checkpoints = log_checkpoints
+        # create_new: a second run in the process (forge compare) is its own run, not the first one returned
         self.run = wandb.init(**settings, config=config,
-                              settings=wandb.Settings(console="off", x_disable_stats=True))
+                              settings=wandb.Settings(console="off", x_disable_stats=True, reinit="create_new"))
+        WandbMirror.open_runs += 1
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -81,7 +84,9 @@ class WandbMirror:
 
     def close(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
-        self.wandb.teardown()   # the W&B service flushes the run's files now, not at interpreter exit
+        WandbMirror.open_runs -= 1
+        if not WandbMirror.open_runs:   # the W&B service flushes the runs' files now, not at interpreter exit
+            self.wandb.teardown()
 
 
 class TensorBoardMirror:

@@ -28,9 +28,7 @@ import statistics
 
 import torch
 
-import time
-
-from common import ROOT, WARMUP_ROUNDS, setup_threads, table, write_result
+from common import ROOT, interleaved, setup_threads, table, write_result
 
 from forge.model import build_model
 from forge.model.trm import FrozenTokens
@@ -63,20 +61,6 @@ def outer_steps(model, x, rope, frozen: FrozenTokens | None) -> torch.Tensor:
         elif bool(halted.all()):
             break
     return used
-
-
-def timed_rounds(cases: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
-    """{"wall": times, "cpu": times} of each case (common.interleaved's rounds, both clocks per call)."""
-    out = {"wall": {name: [] for name in cases}, "cpu": {name: [] for name in cases}}
-    for r in range(WARMUP_ROUNDS + rounds):
-        for name, fn in cases.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            if r >= WARMUP_ROUNDS:
-                out["wall"][name].append(wall)
-                out["cpu"][name].append(cpu)
-    return out
 
 
 def paired_saving(times: dict[str, list[float]], part: str) -> float | None:
@@ -125,7 +109,8 @@ def main() -> None:
             if not args.refiner_only:
                 cases.update({"forward_full": lambda: models["full"](idx, halt=True),
                               "forward_frozen": lambda: models["frozen"](idx, halt=True)})
-            clocks = timed_rounds(cases, args.rounds)
+            cpu_times: dict[str, list[float]] = {}
+            clocks = {"wall": interleaved(cases, args.rounds, cpu_times=cpu_times), "cpu": cpu_times}
             ideal = 1 - compute_share
             halted_early = float((frozen_used < models["frozen"].trm.t_max - 1).float().mean())
             fig = {"target_share_step0": share, "halted_early_share": halted_early,

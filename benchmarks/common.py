@@ -61,20 +61,26 @@ def command() -> str:
 
 
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int,
-                warmup: int = WARMUP_ROUNDS, sync: Callable[[], object] | None = None) -> dict[str, list[float]]:
+                warmup: int = WARMUP_ROUNDS, sync: Callable[[], object] | None = None,
+                cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Wall time of each case over `rounds` rounds, one call of every case per round (after `warmup` untimed
     rounds), so that background load on a shared machine hits every case alike. `sync` (on a GPU:
-    torch.cuda.synchronize) runs before the clock starts and before it stops: kernels are asynchronous."""
+    torch.cuda.synchronize) runs before the clock starts and before it stops: kernels are asynchronous.
+    `cpu_times`, when given, receives each timed call's process CPU time (time.process_time) per case too."""
     sync = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in cases}
+    if cpu_times is not None:
+        cpu_times.update({name: [] for name in cases})
     for r in range(warmup + rounds):
         for name, fn in cases.items():
             sync()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
             sync()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
+                if cpu_times is not None:
+                    cpu_times[name].append(time.process_time() - cpu)
     return times
 
 

@@ -45,8 +45,6 @@ class FlopCounter:
             # torch's counter ignores `groups` in convolution_backward: a depthwise convolution's backward
             # (the memory's causal conv) is counted as a dense one, ~channels x too much. Its backward is 2 x
             # its forward, which the counter gets right.
-            import torch
-
             counts = self._mode.get_flop_counts().get("Global", {})
             backward = counts.get(torch.ops.aten.convolution_backward, 0)
             if backward:

@@ -9,7 +9,9 @@ seconds: evaluation excluded), then the comparison view (held-out bits/byte on t
   tiny size    specs/tiny_local.toml | + optim.name=adamw | specs/tiny_baseline_local.toml
   phase1 size  specs/local.toml      | + optim.name=adamw | specs/baseline_local.toml     (batch 8)
 The Phase 1 stack vs the same-size AdamW transformer; Phase 1 with AdamW separates the optimizer's effect
-from the architecture's. Every variant gets the same short warmup and then a constant lr
+from the architecture's. The baselines deviate from the design on purpose (a third layer or a wider FFN for
+the same parameter count: B2-architecture fails), so the comparison launches with force, which each run's
+lineage records (as bench_contributions.py does for its ablations). Every variant gets the same short warmup and then a constant lr
 (train.lr_schedule=constant): the step count each reaches is unknown in advance, so no decay schedule could be
 fair to all. Writes benchmarks/results/quality.json (the view's JSON per comparison) and the pages
 <output-dir>/<comparison id>/comparison.html.
@@ -52,7 +54,7 @@ def main() -> None:
     for size, minutes in budgets.items():   # the file is rewritten after each comparison: nothing lost on a crash
         request = Request([(Path(s), o) for s, o in COMPARISONS[size]], shared=SHARED[size],
                           budget=f"minutes={minutes:g}", comparison_id=f"quality-{size}-{stamp}",
-                          output_dir=args.output_dir)
+                          output_dir=args.output_dir, force=True)
         outcome = run_comparison(request)
         view = comparison_view(outcome.path, outcome.record)
         render_terminal(view)

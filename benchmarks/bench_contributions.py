@@ -3,6 +3,8 @@
 
     FORGE_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_contributions.py \
         [--set stories|mixture ...] [--steps 1500] [--jobs 2] [--only [SET:]NAME ...] [--table-only]
+    FORGE_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_contributions.py --set stories \
+        --equal-time MINUTES [--threads 1]
 
 Variants (issue #21, item 5) per data set: the full stack with each memory variant, memory off, recursion off,
 and the plain transformer baseline of the same parameter count. Every variant trains the same number of
@@ -12,6 +14,13 @@ steps at the same batch (equal tokens); `--jobs` runs train side by side, one to
 equal-wall-clock columns read each run at the same training time: the last eval whose training time (step
 x tokens per step / the run's perf/tokens_per_sec) is not above the shortest variant's total. A run that already finished (status.json "finished") is not trained again, so
 an interrupted invocation continues where it stopped. Writes benchmarks/results/contributions.json.
+
+--equal-time MINUTES: the same variants (not the EXTRAS) at an equal wall-clock budget instead, through
+`forge compare` (forge.compare: each variant an ordinary run, trained round-robin in one process, a slice
+each until its next evaluation, until each has used MINUTES of training time, evaluation excluded, so the
+machine's load hits every variant alike); the table adds each run's contribution probes at its last
+evaluation. Rerunning continues the comparison (comparison id contrib-time-SET-MINUTESmin). Writes
+benchmarks/results/contributions_equal_time.json.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, table, write_result
+from common import ROOT, setup_threads, table, write_result
 from forge.metrics.jsonl import read_metric_stream
 from forge.train.run_dir import RunDir
 
@@ -163,6 +172,39 @@ def render(set_name: str, summary: dict) -> str:
     return f"{set_name}:\n" + table(header, rows)
 
 
+def at_equal_time(set_name: str, minutes: float) -> dict:
+    """The set's variants through forge compare at `minutes` of training time each; the comparison view's
+    JSON plus each variant run's last evaluation (the contribution probes and ACT at evaluation)."""
+    from forge.compare.run import Request, run_comparison
+    from forge.compare.view import comparison_view, render_terminal
+
+    chosen = {name: v for name, v in SETS[set_name].items() if name not in EXTRAS}
+    cid = f"contrib-time-{set_name}-{minutes:g}min"
+    root = ROOT / "runs"
+    if (root / cid).exists():
+        request = Request([], resume=cid, output_dir=root, force=True)
+    else:   # an ablation differs from the design on purpose (B1/B2 fail): force, which each lineage records
+        request = Request([(ROOT / spec, ov) for spec, ov in chosen.values()], shared=SHARED,
+                          budget=f"minutes={minutes:g}", comparison_id=cid, output_dir=root, force=True)
+    outcome = run_comparison(request)
+    view = comparison_view(outcome.path, outcome.record)
+    render_terminal(view)
+    runs = {}
+    for name, entry in zip(chosen, outcome.record["variants"]):
+        evals = evaluations(root / entry["run_id"])
+        last = evals[-1] if evals else {}
+        runs[name] = {"run": entry["run_id"], "steps": entry["step"], "tokens": entry["tokens"],
+                      "train_seconds": entry["train_seconds"],
+                      "last_eval": {k: last[k] for _, k, _ in COLUMNS if k in last}}
+    rows = [[name, r["steps"], f"{r['train_seconds']:.0f}",
+             *[fmt.format(r["last_eval"][key]) if key in r["last_eval"] else "-" for _, key, fmt in COLUMNS]]
+            for name, r in runs.items()]
+    print(f"{set_name}, {minutes:g} min each:\n" + table(["variant", "steps", "train s", *[c[0] for c in COLUMNS]],
+                                                         rows))
+    return {"comparison": outcome.record["id"], "status": outcome.status, "minutes_per_variant": minutes,
+            "shared_overrides": SHARED, "machine": outcome.record["machine"], "variants": runs, **view.to_json()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="sets", action="append", choices=sorted(SETS))
@@ -170,9 +212,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table-only", action="store_true", help="summarise the runs that exist, train nothing")
+    parser.add_argument("--equal-time", type=float, metavar="MINUTES",
+                        help="compare the variants at MINUTES of training each through forge compare")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of --equal-time's one process")
     args = parser.parse_args()
     sets = args.sets or list(SETS)
     (ROOT / "runs").mkdir(exist_ok=True)
+    if args.equal_time:
+        setup_threads(args.threads)
+        results = {}
+        for s in sets:   # the file is rewritten after each set: nothing lost on a crash
+            results[s] = at_equal_time(s, args.equal_time)
+            write_result("contributions_equal_time", {"threads": args.threads, "sets": results})
+        return
     if not args.table_only:
         jobs = [(spec, ov, run_id(s, name, args.steps)) for extra in (False, True) for s in sets
                 for name, (spec, ov) in SETS[s].items()

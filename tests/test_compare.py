@@ -145,6 +145,10 @@ def test_minutes_budget_serial_gives_each_variant_its_training_seconds(run_cli, 
     for name in ("enabled-true", "enabled-false"):
         # W&B's default (return_previous) would hand the second variant the first one's run: no file of its own
         assert len(list((tmp_path / "runs" / f"m1-{name}" / "wandb").glob(f"offline-run-*-m1-{name}/run-m1-{name}.wandb"))) == 1
+        # and each stays live to the end: the next variant's checklist (F1 starts an offline W&B run) must not
+        # finish it, which would drop its later logs with an OBS-wandb warning
+        warnings = [w for w in RunDir(tmp_path / "runs" / f"m1-{name}").warnings() if w["id"] == "OBS-wandb"]
+        assert not warnings, warnings
     view = json.loads(out)
     record = json.loads((tmp_path / "runs" / "m1" / "comparison.json").read_text())
     assert record["order"] == "serial" and record["status"] == "finished"

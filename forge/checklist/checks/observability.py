@@ -41,17 +41,23 @@ def _start_offline(settings: dict, version: str) -> Outcome:
 
     import wandb
 
+    from forge.train.mirrors import WandbMirror
+
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="forge-wandb-check-") as tmp:
         try:
+            # create_new, and no teardown while runs of this process are open: forge compare checks a variant
+            # while the earlier variants' W&B runs are live, and either would finish them
             run = wandb.init(**{**settings, "dir": tmp, "id": f"forge-check-{os.getpid()}", "resume": None},
-                             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+                             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True,
+                                                     reinit="create_new"))
             run.finish()
         except Exception as err:
             return failed(f"wandb {version}, offline: {type(err).__name__}: {err}", "an offline run starts",
                           "the run would log to metrics.jsonl only")
         finally:
-            wandb.teardown()
+            if not WandbMirror.open_runs:
+                wandb.teardown()
     return passed(f"wandb {version}, offline run started and finished in {time.perf_counter() - t0:.1f} s",
                   "an offline run starts", f"the run's W&B files go under {settings['dir']}/wandb (WANDB_DIR)"
                   if settings["dir"] != "." else "the run's W&B files go under <run dir>/wandb")

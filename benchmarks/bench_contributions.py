@@ -172,6 +172,11 @@ def render(set_name: str, summary: dict) -> str:
     return f"{set_name}:\n" + table(header, rows)
 
 
+# at equal time the steps each variant reaches are unknown in advance: a constant lr after the spec's warmup
+# (no decay schedule could be fair to all) and no step cap before the budget (as bench_quality.py)
+EQUAL_TIME = ["train.lr_schedule=constant", "train.max_steps=1000000"]
+
+
 def at_equal_time(set_name: str, minutes: float) -> dict:
     """The set's variants through forge compare at `minutes` of training time each; the comparison view's
     JSON plus each variant run's last evaluation (the contribution probes and ACT at evaluation)."""
@@ -184,7 +189,7 @@ def at_equal_time(set_name: str, minutes: float) -> dict:
     if (root / cid).exists():
         request = Request([], resume=cid, output_dir=root, force=True)
     else:   # an ablation differs from the design on purpose (B1/B2 fail): force, which each lineage records
-        request = Request([(ROOT / spec, ov) for spec, ov in chosen.values()], shared=SHARED,
+        request = Request([(ROOT / spec, ov) for spec, ov in chosen.values()], shared=[*SHARED, *EQUAL_TIME],
                           budget=f"minutes={minutes:g}", comparison_id=cid, output_dir=root, force=True)
     outcome = run_comparison(request)
     view = comparison_view(outcome.path, outcome.record)
@@ -202,7 +207,7 @@ def at_equal_time(set_name: str, minutes: float) -> dict:
     print(f"{set_name}, {minutes:g} min each:\n" + table(["variant", "steps", "train s", *[c[0] for c in COLUMNS]],
                                                          rows))
     return {"comparison": outcome.record["id"], "status": outcome.status, "minutes_per_variant": minutes,
-            "shared_overrides": SHARED, "machine": outcome.record["machine"], "variants": runs, **view.to_json()}
+            "shared_overrides": [*SHARED, *EQUAL_TIME], "machine": outcome.record["machine"], "variants": runs, **view.to_json()}
 
 
 def main() -> None:

@@ -34,7 +34,9 @@ COMPARISONS = {
 }
 # the same for every variant of a comparison: short warmup, constant lr, a few eval batches per source, and an
 # evaluation (the end of a slice) every 25 steps
-SHARED = {"tiny": ["train.warmup_steps=20", "train.lr_schedule=constant", "train.eval_every=25"],
+# (and no step cap before the time budget: tiny.toml's max_steps = 300 would stop the faster baseline early)
+SHARED = {"tiny": ["train.warmup_steps=20", "train.lr_schedule=constant", "train.eval_every=25",
+                   "train.max_steps=1000000"],
           "phase1": ["train.warmup_steps=5", "train.lr_schedule=constant", "data.batch_size=8",
                      "data.eval.max_batches=2", "train.eval_every=10"]}
 

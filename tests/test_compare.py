@@ -132,25 +132,28 @@ def test_resume_finishes_every_variant_at_equal_tokens(interrupted, run_cli):
 
 
 def test_minutes_budget_serial_gives_each_variant_its_training_seconds(run_cli, tmp_path, monkeypatch):
-    """Also: W&B offline, one W&B run per variant in the one process (not the first run returned again)."""
+    """Also: W&B offline, one W&B run per variant in the one process (not the first run returned again); --output-dir
+    holds the comparison and its variants' runs."""
     import os
 
     for key in [k for k in os.environ if k.startswith("WANDB_")]:
         monkeypatch.delenv(key)
     sets = [*SMALL[:-1], "logging.wandb.mode=offline"]
+    out_dir = tmp_path / "elsewhere"
     code, out, err = run_cli("compare", str(TINY), "--vary", VARY[0], "--budget", "minutes=0.002", "--serial",
-                             "--force", "--id", "m1", "--json", "--data-dir", str(tmp_path), *_sets(sets),
-                             cwd=tmp_path)
+                             "--force", "--id", "m1", "--json", "--output-dir", str(out_dir), "--data-dir",
+                             str(tmp_path), *_sets(sets), cwd=tmp_path)
     assert code == 0, (out, err)
+    assert not (tmp_path / "runs").exists()
     for name in ("enabled-true", "enabled-false"):
         # W&B's default (return_previous) would hand the second variant the first one's run: no file of its own
-        assert len(list((tmp_path / "runs" / f"m1-{name}" / "wandb").glob(f"offline-run-*-m1-{name}/run-m1-{name}.wandb"))) == 1
+        assert len(list((out_dir / f"m1-{name}" / "wandb").glob(f"offline-run-*-m1-{name}/run-m1-{name}.wandb"))) == 1
         # and each stays live to the end: the next variant's checklist (F1 starts an offline W&B run) must not
         # finish it, which would drop its later logs with an OBS-wandb warning
-        warnings = [w for w in RunDir(tmp_path / "runs" / f"m1-{name}").warnings() if w["id"] == "OBS-wandb"]
+        warnings = [w for w in RunDir(out_dir / f"m1-{name}").warnings() if w["id"] == "OBS-wandb"]
         assert not warnings, warnings
     view = json.loads(out)
-    record = json.loads((tmp_path / "runs" / "m1" / "comparison.json").read_text())
+    record = json.loads((out_dir / "m1" / "comparison.json").read_text())
     assert record["order"] == "serial" and record["status"] == "finished"
     for v in record["variants"]:
         assert v["status"] == "finished" and v["train_seconds"] >= 0.12 and v["step"] >= 1

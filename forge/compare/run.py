@@ -189,6 +189,8 @@ def _create(request: Request):
     cid = request.comparison_id or new_comparison_id()
     # every variant's W&B run in one group: the comparison's (the spec's logging.wandb.group, one home)
     shared = [*request.shared, f"logging.wandb.group={cid}"]
+    if request.output_dir is not None:   # the variants' runs beside the comparison's record, where the view reads them
+        shared.append(f"run.output_dir={request.output_dir}")
     variants = plan_variants(request.specs, request.vary, shared, request.seeds, budget.overrides)
     root = request.output_dir or Path(variants[0].resolved.spec.run.output_dir)
     roots = {Path(v.resolved.spec.run.output_dir) for v in variants}

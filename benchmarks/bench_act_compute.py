@@ -11,24 +11,36 @@ Timed: the TRM outer steps with the halting head (the refiner's work), given the
 for context, the whole evaluation forward (backbone, memory, LM head of every step included).
 ideal saving = 1 - act/compute_share; measured saving = median over rounds of 1 - t_frozen / t_full, the two
 timed back to back in the same round (a paired ratio: background load on a shared machine moves both
-alike); ratio = measured / ideal (target >= 0.7). The fastest round of each case is recorded too.
+alike), in alternating order (full first, then frozen first: measured, the call that runs second after the
+other is slowed or sped up by what the first left in caches and the heap); ratio = measured / ideal (target
+>= 0.7). The fastest round of each case, and the ratio of the median times, are recorded too.
 Each call is timed on two clocks: wall time, and the process's CPU time (time.process_time). With one torch
 thread (the default) the CPU time is the work itself, without the time other processes held the core: on a
 loaded machine the wall-clock ratio swings by +-0.2 from round to round, the CPU-time ratio far less.
+Freed memory is kept for reuse (glibc mallopt; --default-malloc: as glibc comes): otherwise glibc hands freed
+blocks back to the system and every call takes fresh pages, one minor page fault per 4 KB (expensive on this
+VM), and because both paths share one heap, which of them pays depends on the other's allocations (measured:
+the full path 700 to 12,500 faults a call from one run to the next, the frozen one 1,500 to 5,700). The
+minor faults during the timed rounds are recorded.
 
     .venv/bin/python benchmarks/bench_act_compute.py [--spec tiny.toml] [--batch 8] [--seq 128]
-        [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--refiner-only] [--quick]
-    # -> benchmarks/results/act_compute_<spec>.json
+        [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--refiner-only] [--default-malloc] [--tag T]
+        [--quick]
+    # -> benchmarks/results/act_compute_<spec>[_<tag>].json
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import math
+import os
+import resource
 import statistics
 
 import torch
 
-from common import ROOT, interleaved, setup_threads, table, write_result
+from common import ROOT, WARMUP_ROUNDS, interleaved, setup_threads, table, write_result
 
 from forge.model import build_model
 from forge.model.trm import FrozenTokens
@@ -63,6 +75,17 @@ def outer_steps(model, x, rope, frozen: FrozenTokens | None) -> torch.Tensor:
     return used
 
 
+def keep_freed_memory() -> bool:
+    """glibc: never trim the heap, serve every size from it (no mmap per allocation), so that freed memory is
+    reused instead of returned and faulted in again. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_THRESHOLD, 1 << 25))
+    except (OSError, AttributeError):
+        return False
+
+
 def paired_saving(times: dict[str, list[float]], part: str) -> float | None:
     """Median over rounds of 1 - t_frozen / t_full (None when the part was not timed)."""
     if f"{part}_full" not in times:
@@ -79,11 +102,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refiner-only", action="store_true", help="time the refiner only, not the whole forward")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's trimming of freed memory on")
+    parser.add_argument("--tag", default="", help="appended to the result's name (e.g. the CPU capability forced)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, batch 2, two shares")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.batch, args.shares = 2, 2, "0.5,0.9"
     setup_threads(args.threads)
+    kept_freed = False if args.default_malloc else keep_freed_memory()
     spec = load_spec(ROOT / "specs" / args.spec).spec
     torch.manual_seed(0)
     models = {}
@@ -110,11 +136,14 @@ def main() -> None:
                 cases.update({"forward_full": lambda: models["full"](idx, halt=True),
                               "forward_frozen": lambda: models["frozen"](idx, halt=True)})
             cpu_times: dict[str, list[float]] = {}
-            clocks = {"wall": interleaved(cases, args.rounds, cpu_times=cpu_times), "cpu": cpu_times}
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            clocks = {"wall": interleaved(cases, args.rounds, cpu_times=cpu_times, alternate=True), "cpu": cpu_times}
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             ideal = 1 - compute_share
             halted_early = float((frozen_used < models["frozen"].trm.t_max - 1).float().mean())
             fig = {"target_share_step0": share, "halted_early_share": halted_early,
-                   "compute_share": compute_share, "ideal_saving": ideal}
+                   "compute_share": compute_share, "ideal_saving": ideal,
+                   "minor_faults_per_call": faults / ((args.rounds + WARMUP_ROUNDS) * len(cases))}
             for clock, times in clocks.items():
                 best = {k: min(v) for k, v in times.items()}
                 measured, forward_saving = (paired_saving(times, part) for part in ("refiner", "forward"))
@@ -122,6 +151,9 @@ def main() -> None:
                               "forward_saving": forward_saving, "min_s": best,
                               "median_s": {k: statistics.median(v) for k, v in times.items()},
                               "fastest_round_ratio": (1 - best["refiner_frozen"] / best["refiner_full"]) / ideal
+                              if ideal > 0 else None,
+                              "median_time_ratio": (1 - statistics.median(times["refiner_frozen"])
+                                                    / statistics.median(times["refiner_full"])) / ideal
                               if ideal > 0 else None, "times_s": times}
             figures.append(fig)
             wall, cpu = fig["wall"], fig["cpu"]
@@ -132,9 +164,12 @@ def main() -> None:
                          "-" if cpu["forward_saving"] is None else f"{cpu['forward_saving']:.3f}"])
     print(table(["halted early", "compute share", "ideal saving", "refiner full, CPU ms", "refiner frozen, CPU ms",
                  "refiner saving (CPU)", "ratio (CPU)", "ratio (wall)", "whole-forward saving (CPU)"], rows))
-    name = f"act_compute_{args.spec.removesuffix('.toml')}" + ("_quick" if args.quick else "")
+    name = f"act_compute_{args.spec.removesuffix('.toml')}" + (f"_{args.tag}" if args.tag else "") + \
+        ("_quick" if args.quick else "")
     write_result(name, {"spec": args.spec, "batch": args.batch, "seq_len": args.seq, "threads": args.threads,
-                        "rounds": args.rounds, "figures": figures})
+                        "rounds": args.rounds, "freed_memory_kept": kept_freed,
+                        "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+                                if k in os.environ}, "figures": figures})
 
 
 if __name__ == "__main__":

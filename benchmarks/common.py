@@ -62,17 +62,20 @@ def command() -> str:
 
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int,
                 warmup: int = WARMUP_ROUNDS, sync: Callable[[], object] | None = None,
-                cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                cpu_times: dict[str, list[float]] | None = None, alternate: bool = False) -> dict[str, list[float]]:
     """Wall time of each case over `rounds` rounds, one call of every case per round (after `warmup` untimed
     rounds), so that background load on a shared machine hits every case alike. `sync` (on a GPU:
     torch.cuda.synchronize) runs before the clock starts and before it stops: kernels are asynchronous.
-    `cpu_times`, when given, receives each timed call's process CPU time (time.process_time) per case too."""
+    `cpu_times`, when given, receives each timed call's process CPU time (time.process_time) per case too.
+    `alternate`: every other round runs the cases in reverse order, so that no case always follows the same
+    one (a call leaves caches and the heap in a state that can speed up or slow down the next)."""
     sync = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in cases}
     if cpu_times is not None:
         cpu_times.update({name: [] for name in cases})
+    order = list(cases.items())
     for r in range(warmup + rounds):
-        for name, fn in cases.items():
+        for name, fn in (order[::-1] if alternate and r % 2 else order):
             sync()
             start, cpu = time.perf_counter(), time.process_time()
             fn()

@@ -261,3 +261,47 @@ def test_without_freezing_the_share_counts_every_token_of_every_step_run():
     assert out.metrics["act/compute_share"].item() == pytest.approx(1 / 3)
     assert mixed.metrics["act/compute_share"].item() == 1.0 and mixed.metrics["act/halted_early_share"] > 0
     assert "act/compute_share" not in model(idx).metrics                  # only under halting
+
+
+def _running_masks(B: int, T: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    uneven = torch.rand(B, T, generator=g) < torch.tensor([0.95, 0.3, 0.7])[:, None]   # per-sequence shares
+    edge = torch.rand(B, T, generator=g) < 0.5
+    edge[0], edge[1] = True, False                   # one sequence runs whole, one has halted whole
+    return {"uneven": uneven, "whole-or-none": edge}
+
+
+@pytest.mark.parametrize("kind", ["full", "sliding_window", "sliding_window_with_global"])
+@pytest.mark.parametrize("case", ["uneven", "whole-or-none"])
+def test_running_rows_attend_as_the_dense_masked_computation(kind, case):
+    """The frozen path's attention layout (trm.Rows: padded query slots in blocks, each against the key range
+    it can see, additive mask) gives, for every running row, the dense masked attention over the running
+    tokens' fresh keys and the halted tokens' kept ones; the sequence is long enough for several blocks and a
+    window (16) that cuts their first keys."""
+    from forge.model.attention import Attention
+    from forge.model.rope import apply_rope, rope_tables
+    from forge.model.trm import Rows, attend_rows
+    from forge.model.window import AttentionPattern
+    B, L, d, H = 3, 300, 32, 2
+    torch.manual_seed(0)
+    attn = Attention(d, H, AttentionPattern(kind, 16, 8, 8))
+    rope = rope_tables(L, d // H, 10000.0)
+    running = _running_masks(B, L)[case]
+    h = torch.randn(B, L, d)
+    kept = torch.randn(B, L, H, d // H), torch.randn(B, L, H, d // H)
+    rows = Rows(running, attn.pattern, rope)
+    assert len(rows.blocks) > 1 and (kind != "sliding_window" or rows.blocks[-1][2] > 0)
+    with torch.no_grad():
+        out, (K, V) = attend_rows(attn, rows.gather(h), rope, rows, (kept[0].clone(), kept[1].clone()))
+
+        def heads(proj):
+            return proj(h).view(B, L, H, -1).transpose(1, 2)
+        k_fresh, v_fresh = apply_rope(heads(attn.k_proj), rope), heads(attn.v_proj)
+        keep = ~running[:, None, :, None]
+        k_all = torch.where(keep, kept[0].transpose(1, 2), k_fresh)
+        v_all = torch.where(keep, kept[1].transpose(1, 2), v_fresh)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            apply_rope(heads(attn.q_proj), rope), k_all, v_all, attn_mask=attn.pattern.mask(L))
+        want = attn.o_proj(dense.transpose(1, 2).reshape(B, L, d))[running]
+    assert torch.equal(K, k_all.transpose(1, 2)) and torch.equal(V, v_all.transpose(1, 2))
+    assert (out - want).abs().max() < 1e-5

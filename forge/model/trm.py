@@ -72,50 +72,64 @@ class FrozenTokens:
 
 
 class Rows:
-    """Running tokens of one outer step: their flat indices into (B * T) rows, sorted by sequence, the
-    per-sequence padded layout their queries attend in (flat indices into (B * n_max) rows, attended in up to
-    QUERY_BLOCKS blocks of slots with their mask rows), and their RoPE tables (n, 1, hd), built once per step
-    for every application and layer."""
+    """Running tokens of one outer step, laid out once for every application and layer of the step:
+      flat      their flat indices into (B * T) rows, sorted by sequence then position (the packed rows)
+      slot_src  per-sequence padded query layout (B * n_max slots): the packed row each slot reads; a
+                sequence's slots after its last running token repeat that token (a sequence without one: its
+                neighbour's), whose position and mask row keep the padding rows finite; they are dropped
+      padded    the slot of each packed row (to read the attention output back)
+      blocks    up to QUERY_BLOCKS blocks of slots, each attended against the key range its queries can see,
+                (first slot, end slot, first key, end key, additive mask (B, 1, slots, keys)): causal, so
+                attention skips the keys after each block as the full computation's causal kernel does, and for
+                a sliding window the keys before it too; the mask is additive (0 / -inf), the form the
+                attention kernel would otherwise convert a boolean mask to on every call
+      rope      RoPE tables of the packed rows (n, 1, hd)"""
 
     QUERY_BLOCKS = 4
+    MIN_BLOCK = 128
 
     def __init__(self, running: torch.Tensor, pattern: AttentionPattern, rope: RopeTables):
+        # Kept to few tensor ops: at tiny width each small op costs ~10-50 us, and the saving to be had at 20%
+        # halted is ~5 ms an outer step (BENCHMARKS.md, "ACT compute saving").
         B, T = running.shape
         self.running = running
-        self.all = bool(running.all())
-        b, p = running.nonzero(as_tuple=True)
-        self.n, self.flat = len(b), b * T + p
+        flat = running.view(-1).nonzero().squeeze(1)
+        self.n = len(flat)
+        self.all = self.n == B * T
         if self.all:
             return
+        device = running.device
+        self.flat, p = flat, flat % T
         counts = running.sum(1)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(self.n, device=running.device) - starts[b]            # rank within its sequence
-        self.n_max = int(counts.max())
-        self.padded = b * self.n_max + slot
-        # padding rows sit at position 0 (key 0 always visible to them): finite, then dropped
-        pos = torch.zeros(B * self.n_max, dtype=torch.long, device=running.device).index_copy_(0, self.padded, p)
-        pos = pos.view(B, self.n_max)
-        mask = pattern.mask(T, running.device)[pos].unsqueeze(1)
-        # Query blocks of the padded layout, each against the keys up to its last position (causal: no query
-        # sees a later key), so that attention over the running rows skips the keys after them, as the full
-        # computation's causal kernel does: (first slot, end slot, keys, mask rows (B, 1, slots, keys)).
-        size = max(32, -(-self.n_max // self.QUERY_BLOCKS))
-        bounds = [(a, min(a + size, self.n_max)) for a in range(0, self.n_max, size)]
-        keys = torch.stack([pos[:, a:b].max() for a, b in bounds]).add(1).tolist()
-        self.blocks = [(a, b, k, mask[:, :, a:b, :k].contiguous()) for (a, b), k in zip(bounds, keys)]
-        self.rope = tuple(table[p].unsqueeze(1) for table in rope)
+        ends = counts.cumsum(0)                            # one past each sequence's last packed row
+        self.n_max = n_max = int(counts.max())
+        slots = torch.arange(n_max, device=device)
+        self.slot_src = torch.minimum(slots + (ends - counts)[:, None], (ends - 1)[:, None]).clamp_min(0).view(-1)
+        self.padded = (slots < counts[:, None]).view(-1).nonzero().squeeze(1)
+        pos = p.index_select(0, self.slot_src)             # non-decreasing along a sequence's slots
+        rows_mask = pattern.additive_mask(T, device).index_select(0, pos).view(B, 1, n_max, T)
+        size = max(self.MIN_BLOCK, -(-n_max // self.QUERY_BLOCKS))
+        firsts = list(range(0, n_max, size))
+        ends_ = [min(a + size, n_max) for a in firsts]
+        if len(firsts) == 1:                               # one block: every key
+            keys = [0, T]
+        else:                                              # the positions at each block's first and last slot
+            edges = pos.view(B, n_max).index_select(1, torch.tensor(firsts + [e - 1 for e in ends_], device=device))
+            lo, hi = edges[:, :len(firsts)].amin(0), edges[:, len(firsts):].amax(0)
+            keys = torch.cat([pattern.first_visible_key(lo), hi + 1]).tolist()
+        self.blocks = [(a, e, k0, k1, rows_mask[:, :, a:e, k0:k1])
+                       for a, e, k0, k1 in zip(firsts, ends_, keys[:len(firsts)], keys[len(firsts):])]
+        self.rope = tuple(table.index_select(0, p).view(self.n, 1, -1) for table in rope)
 
     def gather(self, full: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (n, d) running rows."""
         return full if self.all else full.reshape(-1, full.shape[-1]).index_select(0, self.flat)
 
     def scatter(self, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A copy of `full` (B, T, d) with the running rows replaced: halted rows keep their values."""
+        """`full` (B, T, d) with the running rows replaced (a new tensor): halted rows keep their values."""
         if self.all:
             return rows
-        out = full.contiguous().clone()
-        out.view(-1, out.shape[-1]).index_copy_(0, self.flat, rows)
-        return out
+        return full.reshape(-1, full.shape[-1]).index_copy(0, self.flat, rows).view(full.shape)
 
 
 def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
@@ -140,12 +154,14 @@ def attend_rows(attn: Attention, h: torch.Tensor, rope: RopeTables, rows: Rows,
     K.view(B * T, H, hd).index_copy_(0, rows.flat, apply_rope(attn.k_proj(h).view(-1, H, hd), rows.rope))
     V.view(B * T, H, hd).index_copy_(0, rows.flat, attn.v_proj(h).view(-1, H, hd))
     q = apply_rope(attn.q_proj(h).view(-1, H, hd), rows.rope)
-    q_pad = q.new_zeros(B * rows.n_max, H, hd).index_copy_(0, rows.padded, q).view(B, rows.n_max, H, hd)
-    q_pad, K_, V_ = q_pad.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2)
-    out = torch.cat([F.scaled_dot_product_attention(q_pad[:, :, a:b], K_[:, :, :k], V_[:, :, :k], attn_mask=mask)
-                     for a, b, k, mask in rows.blocks], dim=2)                      # (B, H, n_max, hd)
-    out = out.transpose(1, 2).reshape(B * rows.n_max, H * hd).index_select(0, rows.padded)
-    return attn.o_proj(out), (K, V)
+    q_pad = q.index_select(0, rows.slot_src).view(B, rows.n_max, H, hd).transpose(1, 2)
+    K_, V_ = K.transpose(1, 2), V.transpose(1, 2)
+    # the output of each block is laid out as its queries: (B, slots, H, hd) in memory
+    out = [F.scaled_dot_product_attention(q_pad[:, :, a:e], K_[:, :, k0:k1], V_[:, :, k0:k1],
+                                          attn_mask=mask.to(q.dtype)).transpose(1, 2)
+           for a, e, k0, k1, mask in rows.blocks]
+    out = out[0] if len(out) == 1 else torch.cat(out, dim=1)                         # (B, n_max, H, hd)
+    return attn.o_proj(out.reshape(B * rows.n_max, H * hd).index_select(0, rows.padded)), (K, V)
 
 
 class Refiner(nn.Module):

@@ -68,6 +68,7 @@ class AttentionPattern:
             raise ValueError(f"unknown attention type {kind!r}")
         self.kind, self.window = kind, window
         self.global_every, self.global_tokens = global_every, global_tokens
+        self._additive: tuple | None = None     # (seq_len, device), additive_mask: the last one built
 
     def global_positions(self, seq_len: int, device=None) -> torch.Tensor:
         if self.kind != "sliding_window_with_global":
@@ -86,6 +87,23 @@ class AttentionPattern:
             is_global[self.global_positions(seq_len, device)] = True
             allowed &= near | is_global[None, :] | is_global[start:, None]
         return allowed
+
+    def additive_mask(self, seq_len: int, device=None) -> torch.Tensor:
+        """mask(seq_len) as the attention kernel applies it, (T, T) float: 0 where allowed, -inf elsewhere (a
+        boolean mask is converted to this on every call). The last one is kept: the frozen-halting layout
+        (forge/model/trm.py) reads its rows at every outer step."""
+        key = (seq_len, torch.device(device or "cpu"))
+        if self._additive is None or self._additive[0] != key:
+            allowed = self.mask(seq_len, device)
+            self._additive = key, torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+        return self._additive[1]
+
+    def first_visible_key(self, positions: torch.Tensor) -> torch.Tensor:
+        """The earliest key any of the queries at `positions` may attend to: its window's start for a plain
+        sliding window, else 0 (every earlier position, or the global keys, stay visible)."""
+        if self.kind != "sliding_window":
+            return torch.zeros_like(positions)
+        return (positions - self.window + 1).clamp_min(0)
 
     def layout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: bool | None = None) -> Layout:
         """Split (B, H, T, hd) q, k, v into pieces. blocked=None picks by T / window."""

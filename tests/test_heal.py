@@ -3,6 +3,7 @@
     healed  Grokfast lam = 20 (D1 fires at step 10) -> rolled back, patched to lam 0.1 (sick.r1.toml), recovered
     split   the same run stopped after its heal, resumed from before the skipped batch: equal to the uninterrupted one
     bound   lr 1e30: non-finite updates (C2) -> its remedy halves the lr -> the finding returns -> stopped
+    strict  a gate that pins lam 20: D1's remedy would fail it, so it is not applied and the run stops
 
 The runs are micro-sized (d_model 32, 4 x 32 tokens, 20 steps) and gated by a checklist without the design-size
 items and the costly metric-family step, so the file stays within a minute.
@@ -78,6 +79,17 @@ description = "tests/test_heal.py: the tiny gate at micro sizes"
 drop = ["B1-param-budget", "B2-architecture", "B2-tiny-memory-gate", "F2-checkpoint", "OBS-metric-families"]
 """
 
+# a gate that pins Grokfast lam at 20 (critical): D1's remedy (lam 0.1) would fail it
+STRICT = """extends = "heal_micro.toml"
+name = "heal_strict"
+[[item]]
+id = "D1-grokfast-pinned"
+title = "Grokfast lam pinned at 20 (a test's gate)"
+severity = "critical"
+check = "spec_values"
+params = { expected = { "optim.grokfast.lam" = 20.0 } }
+"""
+
 
 def _cli(*argv: str) -> int:
     with pytest.raises(SystemExit) as exit_info:
@@ -96,6 +108,7 @@ def runs(tmp_path_factory):
     checklists = root / "checklists"
     shutil.copytree(REPO / "checklists", checklists)
     (checklists / "heal_micro.toml").write_text(CHECKLIST)
+    (checklists / "heal_strict.toml").write_text(STRICT)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("FORGE_CHECKLIST_DIR", str(checklists))
@@ -104,6 +117,8 @@ def runs(tmp_path_factory):
         _cli("train", "specs/sick.toml", "--run-id", "split", "--force", "--heal", "--max-steps", "14")
         # resume from a checkpoint before the batch the heal set aside: the resumed run must skip it too
         out["split"] = _cli("train", "--resume", "split", "--from-step", "8")
+        out["strict"] = _cli("train", "specs/sick.toml", "--run-id", "strict", "--force", "--heal",
+                             "--set", "run.checklist=heal_strict")
         for k in [k for k in os.environ if k.startswith("WANDB_")]:
             mp.delenv(k)
         out["bound"] = _cli("train", "specs/sick.toml", "--run-id", "bound", "--force", "--heal",   # W&B: offline
@@ -198,6 +213,28 @@ def test_a_finding_that_returns_after_its_remedy_stops_the_run(runs):
     alerts = [r.alert.title for r in wandb_records(offline / "run-bound.wandb") if r.WhichOneof("record_type") == "alert"]
     assert alerts == ["forge heal: C2-nonfinite-updates", "forge heal: rolled back to step 0",
                       "forge heal: C2-nonfinite-updates"]
+
+
+def test_a_remedy_that_fails_the_checklist_is_never_applied(runs):
+    out, specs = runs
+    code, run = out["strict"]
+    assert code == 1
+    error = _json(run / "status.json")["error"]
+    assert "D1-grokfast-over-amplification" in error and "fails the checklist (D1-grokfast-pinned)" in error
+    [stop] = _json(run / "lineage.json")["heals"]
+    assert stop["patch"] is None and stop["rollback_step"] is None
+    assert load_spec(run / "spec.toml").spec.optim.grokfast.lam == 20.0           # the run's spec: unpatched
+    written = {p.name for p in specs.glob("sick.r*.toml")}
+    assert all(load_spec(specs / n).spec.run.checklist != "heal_strict" for n in written)   # nothing left of it
+    assert not (run / "abandoned").exists()                                        # and nothing rolled back
+
+
+def test_robust_z_scores_an_outlier_against_the_median_and_mad():
+    from forge.metrics.signals import robust_z
+
+    z = robust_z([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 4.0, float("nan")])
+    assert z[6] > 20 and max(abs(v) for v in z[:6]) < 1.5 and z[7] == float("inf")
+    assert robust_z([2.0, 2.0, 2.0]) == [0.0, 0.0, 0.0]      # no spread: nothing stands out
 
 
 def test_bad_heal_settings_exit_2_naming_the_key(run_cli, tmp_path):

@@ -90,13 +90,14 @@ def _nested(assignments: dict[str, Any]) -> dict:
     return out
 
 
-def write_patched_spec(patch: dict) -> PatchRecord:
+def write_patched_spec(patch: dict, refuse_duplicate: bool = True) -> PatchRecord:
     """Check the patch against the base spec and write the new spec + the patch record."""
     import tomlkit
 
     _check(patch)
     base = Path(patch["base_spec"])
-    _refuse_duplicate(patch, base)
+    if refuse_duplicate:
+        _refuse_duplicate(patch, base)
     name, n = _next_name(base)
     spec_path = base.parent / f"{name}.toml"
     patch_path = base.parent / "patches" / f"{name}.json"
@@ -172,13 +173,14 @@ def _refuse_duplicate(patch: dict, base: Path) -> None:
 
 
 def write_or_reuse(patch: dict) -> tuple[PatchRecord, bool]:
-    """(record, reused): write_patched_spec, or the recorded patch of the same base that makes exactly these
-    changes (a heal in a second run of the same spec: the same remedy, one record)."""
+    """(record, reused): write_patched_spec, or the recorded patch of the same base, with the same overrides, that
+    makes exactly these changes (a heal in a second run of the same spec: the same remedy, one record)."""
     found = recorded_patch(patch)
-    if found is not None and _changes(found.record) == _changes(patch) and found.spec_path.is_file():
+    same = found is not None and all(found.record.get(k) == patch[k] for k in ("base_spec_hash", "overrides"))
+    if same and _changes(found.record) == _changes(patch) and found.spec_path.is_file():
         _check(patch)
         return found, True
-    return write_patched_spec(patch), False
+    return write_patched_spec(patch, refuse_duplicate=False), False   # another run's overrides: its own record
 
 
 def apply_finding(result, finding_id: str | None, remedy: int, run_id: str, lineage: dict) -> PatchRecord:

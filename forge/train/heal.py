@@ -235,7 +235,11 @@ def heal(resolved, run, verdict, step: int, healer: Healer, data_dir: Path, log)
         return _stop(run, entry, f"recovered until step {step} (then {rule.id})",
                      f"{shown}; its remedies are already in the spec chain; stopped: run `forge diagnose {run.run_id}`")
     lineage = run.read("lineage.json")
-    written, reused = write_or_reuse(build_patch(verdict, verdict.suggestions[0], run.run_id, lineage))
+    try:
+        written, reused = write_or_reuse(build_patch(verdict, verdict.suggestions[0], run.run_id, lineage))
+    except ForgeError as err:     # e.g. the run's spec file changed or went away since the run started
+        return _stop(run, entry, f"recovered until step {step} (then {rule.id})",
+                     f"{shown}; its remedy cannot be recorded ({err}); stopped: run `forge diagnose {run.run_id}`")
     patched = load_spec(written.spec_path)
     before = {r["id"] for r in run.read("checklist.json").get("items", []) if r.get("status") == "fail"}
     checked = run_checklist(patched, data_dir=data_dir, checklist=_gate(patched))

@@ -4,6 +4,7 @@
     split   the same run stopped after its heal, resumed from before the skipped batch: equal to the uninterrupted one
     bound   lr 1e30: non-finite updates (C2) -> its remedy halves the lr -> the finding returns -> stopped
     strict  a gate that pins lam 20: D1's remedy would fail it, so it is not applied and the run stops
+    compare two variants in turns (lam 20, 0.3) with heal on: the lam-20 variant heals within its slice
 
 The runs are micro-sized (d_model 32, 4 x 32 tokens, 20 steps) and gated by a checklist without the design-size
 items and the costly metric-family step, so the file stays within a minute.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,12 +121,30 @@ def runs(tmp_path_factory):
         out["split"] = _cli("train", "--resume", "split", "--from-step", "8")
         out["strict"] = _cli("train", "specs/sick.toml", "--run-id", "strict", "--force", "--heal",
                              "--set", "run.checklist=heal_strict")
+        out["compare"] = _cli("compare", "specs/sick.toml", "--vary", "optim.grokfast.lam=20.0,0.3", "--set",
+                              "train.heal.enabled=true", "--budget", "tokens=1536", "--force", "--id", "compare")
         for k in [k for k in os.environ if k.startswith("WANDB_")]:
             mp.delenv(k)
         out["bound"] = _cli("train", "specs/sick.toml", "--run-id", "bound", "--force", "--heal",   # W&B: offline
                             "--set", "optim.grokfast.lam=0.3", "--set", "optim.lr=1e30",
                             "--set", "logging.wandb.mode=offline")
     yield {name: (code, root / "runs" / name) for name, code in out.items()}, root / "specs"
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of an offline W&B run once W&B has written its exit record: its service writes the file
+    asynchronously (a wait, not a timing assertion)."""
+    from test_ecosystem import wandb_records
+
+    for _ in range(240):
+        try:
+            records = list(wandb_records(path)) if path.is_file() and path.stat().st_size > 7 else []
+        except Exception:    # a chunk still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        time.sleep(0.25)
+    return records
 
 
 def _json(path: Path):
@@ -206,11 +226,10 @@ def test_a_finding_that_returns_after_its_remedy_stops_the_run(runs):
     assert first["outcome"].startswith("returned at step") and stop["patch"] is None
     assert stop["outcome"] == status["error"].removeprefix("heal stopped the run: ")
     # W&B got the heal as alerts, through the run's own mirror (the heal's gate leaves that W&B run alive)
-    from test_ecosystem import wandb_records
-
     assert not [w for w in _lines(run / "warnings.jsonl") if w["id"] == "OBS-wandb"]
     (offline,) = (run / "wandb").glob("offline-run-*-bound")
-    alerts = [r.alert.title for r in wandb_records(offline / "run-bound.wandb") if r.WhichOneof("record_type") == "alert"]
+    records = _wandb_records(offline / "run-bound.wandb")
+    alerts = [r.alert.title for r in records if r.WhichOneof("record_type") == "alert"]
     assert alerts == ["forge heal: C2-nonfinite-updates", "forge heal: rolled back to step 0",
                       "forge heal: C2-nonfinite-updates"]
 
@@ -229,6 +248,18 @@ def test_a_remedy_that_fails_the_checklist_is_never_applied(runs):
     assert not (run / "abandoned").exists()                                        # and nothing rolled back
 
 
+def test_a_compare_variant_heals_in_its_turn(runs):
+    out, _ = runs
+    code, root = out["compare"]
+    assert code == 0
+    variants = {v["name"]: v for v in _json(root / "comparison.json")["variants"]}
+    assert {v["status"] for v in variants.values()} == {"finished"}
+    assert variants["lam-20.0"]["step"] == variants["lam-0.3"]["step"] == 12    # the healed trainer's counters
+    [heal] = _json(root.parent / "compare-lam-20.0" / "lineage.json")["heals"]
+    assert heal["finding"] == "D1-grokfast-over-amplification" and heal["outcome"] == "recovered: finished at step 12"
+    assert "heals" not in _json(root.parent / "compare-lam-0.3" / "lineage.json")
+
+
 def test_robust_z_scores_an_outlier_against_the_median_and_mad():
     from forge.metrics.signals import robust_z
 
@@ -245,7 +276,8 @@ def test_bad_heal_settings_exit_2_naming_the_key(run_cli, tmp_path):
     (tmp_path / "bad.toml").write_text('extends = "tiny.toml"\n[train.heal]\nmodes = ["D1-no-such-rule"]\n')
     code, _, err = run_cli("train", str(tmp_path / "bad.toml"), "--heal", cwd=tmp_path)
     assert code == 2 and "train.heal.modes" in err and "D1-no-such-rule" in err
-    (tmp_path / "monitor.toml").write_text('extends = "tiny.toml"\n[train.heal]\nmodes = ["D2-newton-schulz-divergence"]\n')
+    (tmp_path / "monitor.toml").write_text('extends = "tiny.toml"\n[train.heal]\n'
+                                           'modes = ["D2-newton-schulz-divergence"]\n')
     code, _, err = run_cli("train", str(tmp_path / "monitor.toml"), "--heal", cwd=tmp_path)
     assert code == 2 and "cannot be healed" in err
     (tmp_path / "typo.toml").write_text('extends = "tiny.toml"\n[train.heal]\nenabeld = true\n')
@@ -282,8 +314,6 @@ def test_the_loader_never_trains_on_a_skipped_micro_batch_and_resumes_the_same()
 
 
 def test_a_heal_reaches_wandb_as_an_alert_and_its_history_never_goes_back(tmp_path, monkeypatch):
-    from test_ecosystem import wandb_records
-
     from forge.train.metrics_log import MetricsLog
     from forge.train.run_dir import RunDir
 
@@ -301,7 +331,7 @@ def test_a_heal_reaches_wandb_as_an_alert_and_its_history_never_goes_back(tmp_pa
     log.close()
     assert [json.loads(line)["step"] for line in run.metrics_path.read_text().splitlines()] == [2, 6]
     (offline,) = (run.path / "wandb").glob("offline-run-*-h")
-    records = list(wandb_records(offline / "run-h.wandb"))
+    records = _wandb_records(offline / "run-h.wandb")
     alerts = [r.alert for r in records if r.WhichOneof("record_type") == "alert"]
     assert [a.title for a in alerts] == ["forge heal: D1-grokfast-over-amplification"]
     assert "rolled back to step 0" in alerts[0].text

@@ -36,23 +36,31 @@ from forge.errors import ForgeError, Problem, SpecError
 SKIPPED = "skipped_batches.json"
 
 
-def healable_rules(spec) -> list:
-    """The rules of train.heal.modes, checked: each a critical rule of checklists/diagnose.toml with a remedy.
-    SpecError naming train.heal.modes otherwise (exit 2, before anything is written)."""
+def healable_rules(resolved) -> list:
+    """The rules of train.heal.modes, checked: each a critical rule of checklists/diagnose.toml with a remedy (and
+    each of train.heal.attribute a rule there). SpecError naming the key otherwise (exit 2, nothing written)."""
     from forge.checklist.items import checklist_dir
     from forge.diagnose.rules import load_rules
+    from forge.spec.load import _locate
 
+    spec = resolved.spec
+    where = {key: _locate(("train", "heal", key), resolved.origins, str(resolved.path))
+             for key in ("modes", "attribute")}
     path = checklist_dir() / "diagnose.toml"
     rules = {r.id: r for r in load_rules(path)}
     problems = []
     for n, mode in enumerate(spec.train.heal.modes):
         rule = rules.get(mode)
         if rule is None:
-            problems.append(Problem("spec", f"train.heal.modes[{n}]", f"{mode!r} is not a rule of {path.name}"))
+            problems.append(Problem(where["modes"], f"train.heal.modes[{n}]", f"{mode!r} is not a rule of {path}"))
         elif rule.severity != "critical" or not rule.remedy:
-            problems.append(Problem("spec", f"train.heal.modes[{n}]", f"{mode} cannot be healed: only critical "
+            problems.append(Problem(where["modes"], f"train.heal.modes[{n}]", f"{mode} cannot be healed: only critical "
                                     f"rules with a remedy can (it is {rule.severity}"
                                     f"{', with no remedy' if not rule.remedy else ''})"))
+    for n, rule_id in enumerate(spec.train.heal.attribute):
+        if rule_id not in rules:
+            problems.append(Problem(where["attribute"], f"train.heal.attribute[{n}]",
+                                    f"{rule_id!r} is not a rule of {path}"))
     if problems:
         raise SpecError(problems, header="invalid [train.heal]")
     return [rules[m] for m in spec.train.heal.modes]
@@ -73,7 +81,6 @@ def read_skipped(run) -> set[tuple[int, int]]:
 
 class NullHealer:
     """train.heal.enabled = false: nothing is kept, nothing fires."""
-    enabled = False
 
     def batch_loss(self, step: int, batch: int, micro: int, loss) -> None:
         pass
@@ -85,13 +92,12 @@ class NullHealer:
 class Healer:
     """Consulted by the Trainer at each logged record: the first healable finding that fires (the tree's order:
     critical, most confident first), or None."""
-    enabled = True
 
     def __init__(self, resolved):
         from forge.metrics.catalogue import load_catalogue
 
         self.spec = resolved.spec
-        self.rules = healable_rules(self.spec)
+        self.rules = healable_rules(resolved)
         self.spec_data = self.spec.model_dump(mode="json")
         self.catalogue = load_catalogue()
         grad_accum = self.spec.data.grad_accum
@@ -145,11 +151,10 @@ def heals(run) -> list[dict[str, Any]]:
     return list(lineage.get("heals", [])) if isinstance(lineage, dict) else []
 
 
-def _update_lineage(run, **changes) -> dict:
+def _update_lineage(run, **changes) -> None:
     lineage = run.read("lineage.json")
     lineage.update(changes)
     run.write("lineage.json", lineage)
-    return lineage
 
 
 def timeline_rows(run) -> list[tuple[str, str, str, str, str]]:
@@ -222,23 +227,24 @@ def heal(resolved, run, verdict, step: int, healer: Healer, data_dir: Path, log)
              "title": rule.title, "confidence": verdict.confidence, "evidence": [o.text for o in verdict.evidence],
              "onset": onset}
     shown = f"{rule.id} ({rule.title}) at step {step}: {verdict.reason}"
+    until = f"recovered until step {step} (then {rule.id})"     # the previous heal's outcome, if any
     log.alert(f"forge heal: {rule.id}", shown)
     if any(h.get("finding") == rule.id and h.get("patch") for h in timeline):
         return _stop(run, entry, f"returned at step {step}",
                      f"{shown}; it returned after its remedy (heal attempts: {entry['attempt'] - 1}); stopped: run "
                      f"`forge diagnose {run.run_id}`")
     if entry["attempt"] > spec.train.heal.max_attempts:
-        return _stop(run, entry, f"recovered until step {step} (then {rule.id})",
+        return _stop(run, entry, until,
                      f"{shown}; train.heal.max_attempts = {spec.train.heal.max_attempts} heals are spent; stopped: "
                      f"run `forge diagnose {run.run_id}`")
     if not verdict.suggestions:
-        return _stop(run, entry, f"recovered until step {step} (then {rule.id})",
+        return _stop(run, entry, until,
                      f"{shown}; its remedies are already in the spec chain; stopped: run `forge diagnose {run.run_id}`")
     lineage = run.read("lineage.json")
     try:
         written, reused = write_or_reuse(build_patch(verdict, verdict.suggestions[0], run.run_id, lineage))
     except ForgeError as err:     # e.g. the run's spec file changed or went away since the run started
-        return _stop(run, entry, f"recovered until step {step} (then {rule.id})",
+        return _stop(run, entry, until,
                      f"{shown}; its remedy cannot be recorded ({err}); stopped: run `forge diagnose {run.run_id}`")
     patched = load_spec(written.spec_path)
     before = {r["id"] for r in run.read("checklist.json").get("items", []) if r.get("status") == "fail"}
@@ -248,7 +254,7 @@ def heal(resolved, run, verdict, step: int, healer: Healer, data_dir: Path, log)
         if not reused:   # never applied: no record of it either
             written.spec_path.unlink()
             written.path.unlink()
-        return _stop(run, entry, f"recovered until step {step} (then {rule.id})",
+        return _stop(run, entry, until,
                      f"{shown}; its remedy ({verdict.suggestions[0].rationale}) fails the checklist "
                      f"({', '.join(added)}) and was not applied; stopped: run `forge diagnose {run.run_id}`")
     parts = build_components(patched.spec, data_dir)
@@ -271,7 +277,7 @@ def heal(resolved, run, verdict, step: int, healer: Healer, data_dir: Path, log)
                   "patch": {"spec": str(written.spec_path), "record": str(written.path), "changes": changes,
                             "rationale": verdict.suggestions[0].rationale},
                   "skipped_batches": [[b["batch"], b["micro"]] for b in bad], "outcome": "continuing"})
-    close_outcome(run, f"recovered until step {step} (then {rule.id})")
+    close_outcome(run, until)
     run.write("spec.toml", resolved_toml(patched))
     _update_lineage(run, **{**launch_lineage(patched, bool(lineage.get("forced"))), "heals": [*heals(run), entry]})
     log.alert(f"forge heal: rolled back to step {rollback_step}",

@@ -29,6 +29,7 @@ class LaunchResult:
     checklist: ChecklistResult | None = None
     message: str = ""
     crashed: bool = False            # an exception ended it (not a decision every rank took together)
+    trainer: object = None           # the trainer it ended with (after a heal, not the one last yielded)
 
     @property
     def exit_code(self) -> int:
@@ -62,7 +63,7 @@ def start(resolved: ResolvedSpec, *, run_id: str | None, force: bool,
     if run_id and (root / run_id).exists():
         raise ForgeError(f"run directory {root / run_id} already exists; resume it with --resume {run_id}")
     check_memory_budget(resolved.spec)
-    healable_rules(resolved.spec)       # [train.heal] modes name healable rules: exit 2 before the checklist
+    healable_rules(resolved)            # [train.heal] modes name healable rules: exit 2 before the checklist
     result = run_checklist(resolved, data_dir=data_dir)
     if not result.ok and not force:
         failed = ", ".join(r.id for r in result.critical_failures)
@@ -200,7 +201,7 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
                 close_outcome(run, f"recovered: finished at step {c.step}")
             run.set_status(status, step=c.step, tokens=c.tokens, nonfinite=c.nonfinite_total,
                            **({why: trainer.stop_reason} if why else {}))
-        return LaunchResult(status, run.run_id, message=trainer.stop_reason or "")
+        return LaunchResult(status, run.run_id, message=trainer.stop_reason or "", trainer=trainer)
     except (ForgeError, OSError, MemoryError) as err:
         error = err if isinstance(err, ForgeError) else ForgeError(_environment_error(err, run))
         if not started and not resume and main:
@@ -285,6 +286,7 @@ def _healed(trainer, data_dir: Path, world: World):
     live.note(f"healed: rolled back to step {done.rollback_step} ({entry['checkpoint']}), applied "
               f"{Path(entry['patch']['spec']).name} ({entry['patch']['rationale']}), "
               f"{len(entry['skipped_batches'])} batch(es) skipped")
+    live.restart(done.rollback_step)
     run.set_status("running", step=done.rollback_step, spec_hash=done.resolved.hash)
     return healed, None
 

@@ -283,6 +283,10 @@ def test_bad_heal_settings_exit_2_naming_the_key(run_cli, tmp_path):
     (tmp_path / "typo.toml").write_text('extends = "tiny.toml"\n[train.heal]\nenabeld = true\n')
     code, _, err = run_cli("train", str(tmp_path / "typo.toml"), cwd=tmp_path)
     assert code == 2 and "train.heal.enabeld" in err
+    code, _, err = run_cli("train", str(tmp_path / "tiny.toml"), "--heal", "--nproc", "2", cwd=tmp_path)
+    assert code == 2 and "not supported with --nproc" in err
+    code, _, err = run_cli("train", "--resume", "some-run", "--heal", cwd=tmp_path)
+    assert code == 2 and "--heal cannot change a run being resumed" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())   # nothing written
 
 

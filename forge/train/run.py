@@ -121,6 +121,8 @@ def _check_split(resolved, nproc: Optional[int]) -> None:
 
     if nproc:
         check_batch_split(resolved.spec.data.batch_size, resolved.spec.data.grad_accum, nproc)
+        if resolved.spec.train.heal.enabled:
+            raise ForgeError("train.heal is not supported with --nproc yet: heal on one process")
 
 
 def _render_refusal(result: launch.LaunchResult, spec: Optional[Path], spec_hash: str) -> None:

@@ -67,6 +67,10 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
                                                    "torchrun; one GPU each on CUDA). Results do not depend on N."),
           force: bool = typer.Option(False, "--force", help="Launch even if a critical checklist item fails "
                                                             "(recorded in the run's lineage)."),
+          heal: bool = typer.Option(False, "--heal", help="Self-healing run (train.heal.enabled = true, recorded as "
+                                                          "an override): a critical finding of the debugging tree "
+                                                          "rolls back, applies its remedy as a recorded patch, "
+                                                          "continues (README, \"Self-healing runs\")."),
           data_dir: Optional[Path] = DataDirOption,
           attach: Optional[Path] = typer.Option(None, "--attach", hidden=True,
                                                 help="(internal) a worker of `--nproc`: the run directory.")) -> None:
@@ -77,7 +81,8 @@ def train(spec: Optional[Path] = typer.Argument(None, help="Spec TOML file (not 
     from forge.distributed import exit_worker
     from forge.train.run import TrainRequest, run_training
 
-    request = TrainRequest(spec, overrides or [], run_id, resume, from_step, max_steps, nproc, force, data_dir, attach)
+    request = TrainRequest(spec, overrides or [], run_id, resume, from_step, max_steps, nproc, force, data_dir, attach,
+                           heal)
     outcome = run_training(request)
     outcome.render()
     if outcome.worker:

@@ -89,9 +89,11 @@ def test_every_file_the_readme_names_ships_or_is_written_by_a_readme_command():
     for name in sorted(set(re.findall(r"\b(?:specs|checklists)/[\w./-]+\.(?:toml|json)\b", readme))):
         if (REPO / name).is_file():
             continue
-        written = re.fullmatch(r"specs/(?:patches/)?(\w+)\.r\d+\.(?:toml|json)", name)   # by forge diagnose --apply
+        written = re.fullmatch(r"specs/(?:patches/)?(\w+)\.r\d+\.(?:toml|json)", name)   # a recorded patch:
         assert written and (SPECS / f"{written.group(1)}.toml").is_file(), name
-        assert f"forge diagnose {written.group(1)} --apply" in readme, name
+        stem = written.group(1)     # written by forge diagnose --apply, or by a heal of a run of that spec
+        assert (f"forge diagnose {stem} --apply" in readme
+                or re.search(rf"forge train specs/{stem}\.toml [^\n]*--heal", readme)), name
 
 
 def test_the_readme_sick_spec_is_refused_for_d1(run_cli, tmp_path):

@@ -281,6 +281,7 @@ def _step(slot: Slot, target: int | None) -> None:
         slot.trainer = next(slot.slices) if slot.trainer is None and target is None else slot.slices.send(target)
     except StopIteration as done:
         result = done.value
+        slot.trainer = result.trainer or slot.trainer   # a heal ([train.heal]) may have replaced it in the slice
         _account(slot)
         slot.trainer = None
         _end(slot, result.status, result.message)
@@ -327,7 +328,7 @@ def _advance(slot: Slot, budget: Budget) -> None:
     _step(slot, target)
     if slot.trainer is None:
         return
-    slot.steps_here += slot.trainer.counters.step - before
+    slot.steps_here += max(0, slot.trainer.counters.step - before)   # a heal's rollback ([train.heal]) goes back
     slot.seconds_here += entry["train_seconds"] - seconds_before
     if budget.kind == "minutes" and entry["train_seconds"] >= budget.seconds:
         _pause(slot, None)

@@ -36,28 +36,38 @@ class TrainLoader:
         self.schedule = MixtureSchedule(weights)
         self.cursors = [0] * len(self.streams)
         self.batches = 0
+        self.skip: set[tuple[int, int]] = set()   # (global batch, micro-batch) positions never trained on
 
     def seq_len_at(self, step: int) -> int:
         """The curriculum's sequence length at this optimizer step (the latest stage that has begun)."""
         return [length for start, length in self.stages if start <= step][-1]
 
-    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next global batch: (idx, targets), LongTensors (batch_size, seq_len_at(step)); targets are
-        idx shifted by one. Call once per optimizer step, in order."""
-        length = self.seq_len_at(step)
-        rows = np.empty((self.batch_size, length + 1), dtype=np.int64)
-        for r in range(self.batch_size):
+    def _rows(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture's next n rows of `length` tokens: (idx, targets), targets shifted by one."""
+        rows = np.empty((n, length + 1), dtype=np.int64)
+        for r in range(n):
             i = self.schedule.next_source()
             rows[r] = self.streams[i].read(self.cursors[i], length + 1)
             self.cursors[i] += length
-        self.batches += 1
         block = torch.from_numpy(rows)
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next global batch: (idx, targets), LongTensors (batch_size, seq_len_at(step)); targets are
+        idx shifted by one. Call once per optimizer step, in order."""
+        self.batches += 1
+        return self._rows(self.batch_size, self.seq_len_at(step))
+
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """next_batch(step) split into grad_accum equal micro-batches."""
+        """next_batch(step) split into grad_accum equal micro-batches. A micro-batch at a position in `skip`
+        (set aside by a heal: forge.train.heal) is replaced by the mixture's next rows, so the run never trains
+        on it and the stream stays a function of the loader state and the skip list (resumable)."""
+        batch = self.batches
         idx, targets = self.next_batch(step)
-        return list(zip(idx.chunk(self.grad_accum), targets.chunk(self.grad_accum)))
+        micro = list(zip(idx.chunk(self.grad_accum), targets.chunk(self.grad_accum)))
+        for m in sorted(m for b, m in self.skip if b == batch and m < len(micro)):
+            micro[m] = self._rows(len(micro[m][0]), idx.shape[1])
+        return micro
 
     @property
     def tokens_per_source(self) -> dict[str, int]:

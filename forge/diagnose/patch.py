@@ -90,13 +90,14 @@ def _nested(assignments: dict[str, Any]) -> dict:
     return out
 
 
-def write_patched_spec(patch: dict) -> PatchRecord:
+def write_patched_spec(patch: dict, refuse_duplicate: bool = True) -> PatchRecord:
     """Check the patch against the base spec and write the new spec + the patch record."""
     import tomlkit
 
     _check(patch)
     base = Path(patch["base_spec"])
-    _refuse_duplicate(patch, base)
+    if refuse_duplicate:
+        _refuse_duplicate(patch, base)
     name, n = _next_name(base)
     spec_path = base.parent / f"{name}.toml"
     patch_path = base.parent / "patches" / f"{name}.json"
@@ -150,16 +151,36 @@ def _changes(patch: dict) -> set[tuple[str, str]]:
     return {(op["path"], json.dumps(op["value"], sort_keys=True)) for op in patch["ops"] if op["op"] == "replace"}
 
 
-def _refuse_duplicate(patch: dict, base: Path) -> None:
-    """The same change on the same base spec twice (diagnosing one run again) would write r2 == r1."""
+def recorded_patch(patch: dict) -> PatchRecord | None:
+    """A recorded patch of the same base spec that already makes (some of) the changes of `patch`."""
+    base = Path(patch["base_spec"])
     for path in sorted((base.parent / "patches").glob("*.json")):
         try:
             other = read_patch(path)
         except ForgeError:
             continue
         if Path(other["base_spec"]) == base and _changes(other) and _changes(other) <= _changes(patch):
-            raise ForgeError(f"not applied: {path.name} already made this change to {base.name} "
-                             f"({other.get('output')}); train that spec, or diagnose its run")
+            return PatchRecord(path, base.parent / str(other.get("output")), other)
+    return None
+
+
+def _refuse_duplicate(patch: dict, base: Path) -> None:
+    """The same change on the same base spec twice (diagnosing one run again) would write r2 == r1."""
+    found = recorded_patch(patch)
+    if found is not None:
+        raise ForgeError(f"not applied: {found.path.name} already made this change to {base.name} "
+                         f"({found.record.get('output')}); train that spec, or diagnose its run")
+
+
+def write_or_reuse(patch: dict) -> tuple[PatchRecord, bool]:
+    """(record, reused): write_patched_spec, or the recorded patch of the same base, with the same overrides, that
+    makes exactly these changes (a heal in a second run of the same spec: the same remedy, one record)."""
+    found = recorded_patch(patch)
+    same = found is not None and all(found.record.get(k) == patch[k] for k in ("base_spec_hash", "overrides"))
+    if same and _changes(found.record) == _changes(patch) and found.spec_path.is_file():
+        _check(patch)
+        return found, True
+    return write_patched_spec(patch, refuse_duplicate=False), False   # another run's overrides: its own record
 
 
 def apply_finding(result, finding_id: str | None, remedy: int, run_id: str, lineage: dict) -> PatchRecord:

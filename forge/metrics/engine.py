@@ -94,6 +94,8 @@ class Outcome:
     value: float | None = None
     threshold: float | None = None
     margin: float = 0.0          # relative distance from the threshold, 0..1
+    first: int | None = None     # the steps of the window the signal read (a heal's onset: forge.train.heal)
+    last: int | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -218,12 +220,12 @@ def _compare(what: str, value: float, op: str, threshold: Any, first: int, last:
         edge = low if abs(value - low) < abs(value - high) else high
         return Outcome("holds" if holds else "fails",
                        f"{what} {_fmt(value)} {'in' if inside else 'outside'} [{_fmt(low)}, {_fmt(high)}] {steps}",
-                       value, edge, _margin(value, edge))
+                       value, edge, _margin(value, edge), first, last)
     holds = OPS[op](value, threshold)
     negated = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}[op]
     return Outcome("holds" if holds else "fails",
                    f"{what} {_fmt(value)} {op if holds else negated} {_fmt(threshold)} {steps}",
-                   value, threshold, _margin(value, threshold))
+                   value, threshold, _margin(value, threshold), first, last)
 
 
 def _missing(metric: str, series: list, cond: Condition, after: int) -> str:

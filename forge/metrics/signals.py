@@ -64,6 +64,18 @@ def spikes(xs: Sequence[float], z: float = 5.0) -> float:
     return float(sum(1 for r in residuals if (r - centre) / mad > z))
 
 
+def robust_z(xs: Sequence[float]) -> list[float]:
+    """Each value's robust z-score against the sample: (x - median) / (1.4826 MAD); the MAD is floored at 0.1%
+    of the median's magnitude, so identical values score 0 rather than dividing by zero. A non-finite value
+    scores inf (it carries any spike)."""
+    finite = [x for x in xs if math.isfinite(x)]
+    if not finite:
+        return [math.inf] * len(xs)
+    centre = statistics.median(finite)
+    mad = max(statistics.median(abs(x - centre) for x in finite) * 1.4826, 1e-3 * abs(centre), 1e-12)
+    return [(x - centre) / mad if math.isfinite(x) else math.inf for x in xs]
+
+
 def zlast(xs: Sequence[float]) -> float:
     before, latest = xs[:-1], xs[-1]
     std = statistics.pstdev(before) if len(before) > 1 else 0.0

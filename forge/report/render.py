@@ -8,6 +8,7 @@ from pathlib import Path
 
 from forge.report.criteria import PLOTS, RunRecord, success_criteria
 from forge.report.probes import halting_histogram, latest_samples, probe_rows, write_probe_plots
+from forge.train.heal import timeline_rows
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 CURVES = ("loss/total", "valid/bits_per_byte", "act/avg_steps", "gate/y_usage", "optim/grad_norm",
@@ -84,6 +85,14 @@ def render_terminal(rec: RunRecord, plots: list[Path]) -> None:
             curves.add_row(metric, f"{values[0]:.4g}", f"{values[-1]:.4g}", sparkline(values))
     out.print(curves)
     _render_probes(out, rec)
+    heals = timeline_rows(rec.run)
+    if heals:
+        table = Table(title="heal timeline (train.heal; lineage.json)", title_justify="left")
+        for col in ("step", "finding", "rolled back to", "patch", "outcome"):
+            table.add_column(col)
+        for row in heals:
+            table.add_row(*(escape_markup(cell) for cell in row))
+        out.print(table)
     warnings = rec.run.warnings()   # the monitors' and the mirrors' (OBS-wandb, OBS-tensorboard): warnings.jsonl
     for wid in dict.fromkeys(w["id"] for w in warnings):
         first = next(w for w in warnings if w["id"] == wid)
@@ -149,6 +158,10 @@ def write_html(rec: RunRecord, plots: list[Path]) -> Path:
     sample_html = "".join(f"<p><b>{html.escape(s['source'])}</b> ({s['avg_steps']:.2f} steps/token)</p>"
                           f"<pre><span class=prompt>{html.escape(s['prompt'])}</span>{html.escape(s['completion'])}</pre>"
                           for s in samples)
+    heal_rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+                        for row in timeline_rows(rec.run))
+    heal_html = (f"<h2>Heal timeline</h2><table><tr><th>step</th><th>finding</th><th>rolled back to</th><th>patch</th>"
+                 f"<th>outcome</th></tr>{heal_rows}</table>" if heal_rows else "")
     st = rec.status
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>forge report {html.escape(rec.run.run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
@@ -158,6 +171,7 @@ pre{{white-space:pre-wrap;background:#f6f6f6;padding:6px}}.prompt{{color:#06c}}<
 </head><body><h1>forge report: {html.escape(rec.run.run_id)}</h1>
 <p>status <b>{html.escape(str(st.get('status')))}</b> at step {st.get('step')} &middot; spec {html.escape(rec.spec['run']['name'])}</p>
 <h2>Success criteria</h2><table><tr><th>criterion</th><th>measured</th><th>target</th><th>status</th><th>note</th></tr>{rows}</table>
+{heal_html}
 <h2>Probes</h2><table><tr><th>metric</th><th>detects</th><th>first</th><th>last</th></tr>{probe_table}</table>
 <h2>Samples{f" at step {sample_step}" if sample_step is not None else ""}</h2>{sample_html or "<p>none</p>"}
 <h2>Curves, ACT histogram, attention heatmaps</h2>{images}</body></html>"""

@@ -251,8 +251,8 @@ def _apply_override(data: dict, origins: dict, assignment: str) -> None:
     annotation = _annotation_at(path, data, where)
     value = _typed_value(raw, annotation)
     target = data
-    for part in path[:-1]:
-        target = target[part]
+    for part in path[:-1]:   # a section the files leave to its defaults ([train.heal]) starts empty
+        target = target.setdefault(part, {}) if isinstance(part, str) else target[part]
     target[path[-1]] = value
     _drop_under(origins, path)
     origins[path] = Origin(where)

@@ -3,9 +3,53 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from forge.spec.base import Section
+
+
+HEALABLE_DEFAULT = ["C2-nonfinite-updates", "B2-attention-instability", "D1-grokfast-over-amplification",
+                    "D1-loss-oscillation", "C2-recursion-instability", "C2-state-gradient-explosion",
+                    "C1-act-always-halting", "C1-act-never-halting"]
+
+
+class HealSpec(Section):
+    """[train.heal]: a critical finding of the debugging tree (checklists/diagnose.toml) that fires during training
+    rolls the run back to its newest checkpoint before the finding's onset, applies the finding's first remedy as a
+    recorded spec patch (what `forge diagnose --apply` writes) and continues in the same run directory
+    (forge/train/heal.py). `forge train --heal` sets enabled = true."""
+    enabled: bool = Field(False, description="Heal the run when a finding of `modes` fires (forge train --heal).")
+    max_attempts: PositiveInt = Field(3, description="Heals per run; the next finding after them stops the run "
+                                                     "with the diagnosis (as does a finding that returns after "
+                                                     "its remedy).")
+    modes: list[str] = Field(default_factory=lambda: list(HEALABLE_DEFAULT), min_length=1,
+                             description="Rule ids of checklists/diagnose.toml that may be healed (critical rules "
+                                         "with a remedy as a spec change). The default leaves out "
+                                         "D2-newton-schulz-divergence: its bound holds on every run with ns_steps 3.")
+    batch_z: PositiveFloat = Field(5.0, description="Bad-batch attribution: a micro-batch whose loss has a robust "
+                                                    "z-score (median/MAD over the kept window) above this carries "
+                                                    "the finding; a heal records its loader position in "
+                                                    "skipped_batches.json and the loader skips it from then on.")
+    batch_window: PositiveInt = Field(200, description="Optimizer steps whose per-micro-batch losses are kept for "
+                                                       "attribution.")
+    attribute: list[str] = Field(default_factory=lambda: ["B2-attention-instability", "C2-nonfinite-updates"],
+                                 description="Rule ids whose heal attributes the finding to batches (loss spikes, "
+                                             "non-finite losses); the other findings are the spec's, not the "
+                                             "data's, and skip nothing.")
+    keep_checkpoints: PositiveInt = Field(4, description="With heal enabled, checkpoints kept on disk are at least "
+                                                         "this many (the larger of it and checkpoint.keep_last_n), "
+                                                         "so one written before a finding's onset is there to "
+                                                         "roll back to.")
+
+    @model_validator(mode="after")
+    def check_unique(self) -> "HealSpec":
+        # that each id is a rule of checklists/diagnose.toml (and each mode a healable one) is checked against
+        # the rules file when a run starts (forge.train.heal.healable_rules)
+        for field_name in ("modes", "attribute"):
+            ids = getattr(self, field_name)
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"{field_name}: rule ids must be unique")
+        return self
 
 
 class TrainSpec(Section):
@@ -34,6 +78,7 @@ class TrainSpec(Section):
                            "saves 30% of the stored activations for +4% step time, backbone_and_trm 79% for +24%).")
     cuda_empty_cache_every: int = Field(0, ge=0, description="On CUDA, call torch.cuda.empty_cache() every N steps "
                                                              "(fragmentation / OOM mitigation); 0 = never.")
+    heal: HealSpec = Field(default_factory=HealSpec, description="Self-healing: roll back, patch, continue.")
 
 
 class CheckpointSpec(Section):

@@ -29,6 +29,7 @@ class LaunchResult:
     checklist: ChecklistResult | None = None
     message: str = ""
     crashed: bool = False            # an exception ended it (not a decision every rank took together)
+    trainer: object = None           # the trainer it ended with (after a heal, not the one last yielded)
 
     @property
     def exit_code(self) -> int:
@@ -55,12 +56,14 @@ def start(resolved: ResolvedSpec, *, run_id: str | None, force: bool,
     on the filesystem or the machine is checked before the checklist (which takes seconds), and a directory
     whose records cannot all be written is removed again."""
     from forge.spec.budget import check_memory_budget
+    from forge.train.heal import healable_rules
 
     root = Path(resolved.spec.run.output_dir)
     check_writable(root)
     if run_id and (root / run_id).exists():
         raise ForgeError(f"run directory {root / run_id} already exists; resume it with --resume {run_id}")
     check_memory_budget(resolved.spec)
+    healable_rules(resolved)            # [train.heal] modes name healable rules: exit 2 before the checklist
     result = run_checklist(resolved, data_dir=data_dir)
     if not result.ok and not force:
         failed = ", ".join(r.id for r in result.critical_failures)
@@ -131,13 +134,15 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
 
     A resume continues from the newest checkpoint that loads (or the one at `from_step`), walking back over
     those that do not with one line each. Until it has one nothing is written: a refused resume leaves the
-    run as it was, and a new run refused by its data (--force past the checklist) leaves no directory."""
+    run as it was, and a new run refused by its data (--force past the checklist) leaves no directory.
+    Under [train.heal] a slice that meets a healable finding heals the run (_healed) and goes on to its target
+    with the trainer of the patched spec: the next yield gives that trainer."""
     from forge.train.components import build_components
+    from forge.train.heal import close_outcome, make_healer, read_skipped
     from forge.train.live import LiveView
     from forge.train.loop import Trainer
-    from forge.train.metrics_log import MetricsLog, NullMetricsLog, read_metrics, truncate_after
+    from forge.train.metrics_log import MetricsLog, NullMetricsLog
     from forge.train.monitors import MonitorSet, load_monitors
-    from forge.probes.suite import SAMPLES
 
     spec = resolved.spec
     stop_at = min(max_steps or spec.train.max_steps, spec.train.max_steps)
@@ -146,9 +151,14 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
     started = False      # past validation: from here on an error is recorded in the run
     try:
         candidates, skipped, kept = _resume_candidates(run, from_step) if resume else ([], [], "")
+        if spec.train.heal.enabled and world.distributed:
+            raise ForgeError("train.heal is not supported on several processes yet: heal on one process "
+                             "(forge train --heal without --nproc)")
+        healer = make_healer(resolved)   # train.heal.modes checked before the data is prepared
         with ui.working("preparing the data (cached after the first run) and building the model") if main \
                 else contextlib.nullcontext():
             parts = build_components(spec, data_dir, world=world)
+        parts.loader.skip = read_skipped(run)   # positions a heal set aside: never trained on, also on resume
         latest, resumed = _resume_point(run, parts, candidates, skipped, kept) if resume else (None, None)
         counters, window = resumed or (None, None)
         start_step = counters.step if counters else 0
@@ -158,19 +168,14 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
             run.add_launch(environment(spec.run.seed, str(parts.device), world.size, parts.precision.record()))
             parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
         if latest is not None and main:
-            _set_aside_later_checkpoints(run, start_step)
-            truncate_after(run.metrics_path, start_step)  # the steps after the checkpoint run again
-            if (run.path / SAMPLES).is_file():
-                truncate_after(run.path / SAMPLES, start_step)
-            for record in read_metrics(run.metrics_path):
-                monitors.observe(record)
+            _rewind(run, start_step, monitors)
         live = LiveView(run.run_id, start_step, stop_at, tty=tty, quiet=not main)
         for line in skipped:
             live.warn(line)
         live.note(f"precision: {parts.precision.describe()}")
         log = (MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
                if main else NullMetricsLog())   # rank 0 alone writes records
-        trainer = Trainer(resolved, run, parts, live, log, monitors, world)
+        trainer = Trainer(resolved, run, parts, live, log, monitors, world, healer)
         if latest is not None:
             trainer.counters = counters
             trainer.loss_window.load_state_dict(window, parts.device)
@@ -181,6 +186,9 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
         target = yield trainer
         while target is not None:
             status = trainer.run_until(min(target, stop_at))
+            while status == "heal":
+                trainer, status = _healed(trainer, data_dir, world)
+                status = status or trainer.run_until(min(target, stop_at))
             if status != "finished" or trainer.counters.step >= stop_at:
                 break
             target = yield trainer
@@ -189,9 +197,11 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
         c = trainer.counters
         why = {"failed": "error", "interrupted": "reason"}.get(status)
         if main:
+            if status == "finished":
+                close_outcome(run, f"recovered: finished at step {c.step}")
             run.set_status(status, step=c.step, tokens=c.tokens, nonfinite=c.nonfinite_total,
                            **({why: trainer.stop_reason} if why else {}))
-        return LaunchResult(status, run.run_id, message=trainer.stop_reason or "")
+        return LaunchResult(status, run.run_id, message=trainer.stop_reason or "", trainer=trainer)
     except (ForgeError, OSError, MemoryError) as err:
         error = err if isinstance(err, ForgeError) else ForgeError(_environment_error(err, run))
         if not started and not resume and main:
@@ -228,6 +238,57 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
             live.close()
         if main:
             run.unlock()
+
+
+def _rewind(run: RunDir, step: int, monitors, log=None) -> None:
+    """Continue from `step` (a resume, a heal's rollback): later checkpoints set aside, the records after it
+    dropped (those steps run again; `log`, when open, reopens its file), the monitors fed what is left."""
+    from forge.probes.suite import SAMPLES
+    from forge.train.metrics_log import read_metrics, truncate_after
+
+    _set_aside_later_checkpoints(run, step)
+    if log is not None:
+        log.rewind(step)
+    else:
+        truncate_after(run.metrics_path, step)
+    if (run.path / SAMPLES).is_file():
+        truncate_after(run.path / SAMPLES, step)
+    for record in read_metrics(run.metrics_path):
+        monitors.observe(record)
+
+
+def _healed(trainer, data_dir: Path, world: World):
+    """A finding of [train.heal] fired (trainer.finding): heal the run (forge.train.heal) and return the trainer
+    that continues it under the patched spec, with None; or the same trainer and "failed" when the heal stops
+    the run with the diagnosis (its stop_reason)."""
+    from forge.train.heal import heal, make_healer
+    from forge.train.loop import Trainer
+    from forge.train.monitors import MonitorSet, load_monitors
+
+    run, live, log = trainer.run, trainer.live, trainer.log
+    trainer.wait_for_checkpoint()
+    finding, step = trainer.finding, trainer.counters.step
+    live.warn(f"[heal] {finding.rule.id} fired at step {step}: {finding.reason}")
+    with ui.working(f"healing {run.run_id}: {finding.rule.id} (patch, checklist, rollback)"):
+        done = heal(trainer.resolved, run, finding, step, trainer.healer, data_dir, log)
+    if done.stop is not None:
+        trainer.stop_reason = f"heal stopped the run: {done.stop}"
+        return trainer, "failed"
+    spec = done.resolved.spec
+    monitors = MonitorSet(load_monitors(spec.run.checklist))
+    _rewind(run, done.rollback_step, monitors, log)
+    healed = Trainer(done.resolved, run, done.parts, live, log, monitors, world, make_healer(done.resolved))
+    healed._timing = trainer._timing      # train_seconds go on (forge compare adds them per slice)
+    if done.counters is not None:
+        healed.counters = done.counters
+        healed.loss_window.load_state_dict(done.window, done.parts.device)
+    entry = run.read("lineage.json")["heals"][-1]
+    live.note(f"healed: rolled back to step {done.rollback_step} ({entry['checkpoint']}), applied "
+              f"{Path(entry['patch']['spec']).name} ({entry['patch']['rationale']}), "
+              f"{len(entry['skipped_batches'])} batch(es) skipped")
+    live.restart(done.rollback_step)
+    run.set_status("running", step=done.rollback_step, spec_hash=done.resolved.hash)
+    return healed, None
 
 
 def _resume_candidates(run: RunDir, from_step: int | None) -> tuple[list[Path], list[str], str]:

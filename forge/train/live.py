@@ -35,6 +35,10 @@ class LiveView:
         else:
             self._line(f"run {run_id}: steps {start_step}..{max_steps}")
 
+    def restart(self, step: int) -> None:
+        """Training goes on from `step` again (a heal rolled back): the ETA counts from here."""
+        self.start_step, self.t0 = step, time.perf_counter()
+
     def _line(self, text: str) -> None:
         if self.quiet:
             return

@@ -109,9 +109,12 @@ class LossWindow:
 
 class Trainer:
     def __init__(self, resolved: ResolvedSpec, run: RunDir, parts: Components, live: LiveView,
-                 log: MetricsLog | None, monitors: MonitorSet, world: World = SINGLE):
-        """`log` is None (or a NullMetricsLog) on ranks other than 0: they write nothing."""
-        self.spec = resolved.spec
+                 log: MetricsLog | None, monitors: MonitorSet, world: World = SINGLE, healer=None):
+        """`log` is None (or a NullMetricsLog) on ranks other than 0: they write nothing. `healer`: the run's
+        forge.train.heal.Healer ([train.heal]; default none), consulted at every logged record."""
+        from forge.train.heal import NullHealer
+
+        self.resolved, self.spec = resolved, resolved.spec
         self.spec_hash = resolved.hash
         self.run, self.parts, self.live, self.monitors = run, parts, live, monitors
         self.log = log or NullMetricsLog()
@@ -124,6 +127,8 @@ class Trainer:
         self.counters = Counters()
         self.loss_window = LossWindow()
         self.stop_reason: str | None = None
+        self.healer = healer or NullHealer()
+        self.finding = None               # a healable finding that fired: run_until returns "heal"
         # "logged"/"plain": summed time and count of steps with and without metric collection (F1)
         self._timing = {"train": 0.0, "data": 0.0, "logging": 0.0, "checkpoint": 0.0, "window_tokens": 0,
                         "window_time": 0.0, "logged": [0.0, 0], "plain": [0.0, 0]}
@@ -168,7 +173,7 @@ class Trainer:
         def write(weights, state):
             path = ckpt.save_checkpoint(self.run.checkpoints, step, weights, state, meta)
             self.log.checkpoint(step, path)    # a W&B artifact when the spec asks
-            ckpt.prune(self.run.checkpoints, self.spec.checkpoint.keep_last_n)
+            ckpt.prune(self.run.checkpoints, self.keep_checkpoints)
 
         if self._writer is None:
             write(self.parts.model, self.state_dict())
@@ -177,6 +182,12 @@ class Trainer:
         self.run.set_status("running", step=step)  # forge runs shows progress between checkpoints
         self._timing["checkpoint"] += time.perf_counter() - t0   # training blocked (F2: perf/checkpoint_fraction)
         self.live.checkpoint(step, self.run.checkpoints / ckpt.step_dir_name(step), background=self._writer is not None)
+
+    @property
+    def keep_checkpoints(self) -> int:
+        """checkpoint.keep_last_n; with [train.heal] on, at least heal.keep_checkpoints (a rollback target)."""
+        heal = self.spec.train.heal
+        return max(self.spec.checkpoint.keep_last_n, heal.keep_checkpoints if heal.enabled else 0)
 
     def wait_for_checkpoint(self) -> None:
         """Block until a background checkpoint write is on disk (raises its error, if any)."""
@@ -196,6 +207,7 @@ class Trainer:
         model, opt = self.parts.model, self.parts.optimizer
         step = self.counters.step
         t0 = time.perf_counter()
+        batch = self.parts.loader.batches   # the loader position of this step's global batch (heal: bad batches)
         micro_batches = [(distributed.rank_slice(i, self.world), distributed.rank_slice(t, self.world))
                          for i, t in self.parts.loader.micro_batches(step)]
         t_data = time.perf_counter() - t0
@@ -213,6 +225,7 @@ class Trainer:
                     out = self.forward_model(idx, targets, act_loss_weight=act_loss_weight)
                     loss = training_loss(model, out, act_loss_weight, self.batch)
                     (loss / len(micro_batches)).backward()
+                self.healer.batch_loss(step + 1, batch, i, loss.detach())
                 n_tokens += targets.numel() * self.world.size
                 for k, v in out.metrics.items():
                     if collect or k.startswith(LOSS_PREFIX):   # losses every step: the logged window mean
@@ -323,12 +336,15 @@ class Trainer:
             self.live.warn(f"[{w.id}] {w.title}: {w.measured} (step {w.step})")
             self.run.append_warning({"step": w.step, "id": w.id, "title": w.title, "measured": w.measured})
             self.log.tag(w.id)
+        if self.finding is None:
+            self.finding = self.healer.observe(self.monitors.history)
         self.live.step(step, values)
         self._timing["logging"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------ the loop
     def run_until(self, stop_at: int) -> str:
-        """Train until step `stop_at`; returns the final status (finished | interrupted | failed)."""
+        """Train until step `stop_at`; returns the final status (finished | interrupted | failed), or "heal": a
+        finding of [train.heal] fired at the current step (self.finding; forge.train.launch heals the run)."""
         spec = self.spec
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -343,10 +359,12 @@ class Trainer:
                                         f"`forge diagnose {self.run.run_id}`")
                     if self.world.main:
                         self.record({**metrics, "optim/nonfinite_count": self.counters.nonfinite_total})
-                    return "failed"
+                    return "heal" if self.finding is not None else "failed"
                 # rank 0 alone evaluates, probes and logs (no collectives in there: the others wait in the next step)
                 if self.world.main:
                     self._evaluate_and_record(step, collect, metrics, last=step == stop_at)
+                if self.finding is not None:
+                    return "heal"
                 if step % spec.checkpoint.every == 0 or step == stop_at:
                     self.save()
                 every = spec.train.cuda_empty_cache_every

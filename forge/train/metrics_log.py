@@ -59,6 +59,12 @@ class NullMetricsLog:
     def close(self, exit_code: int = 0) -> None:
         pass
 
+    def alert(self, title: str, text: str) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
+        pass
+
 
 class MetricsLog:
     """Append-only JSONL writer plus the mirrors the spec asks for (forge/train/mirrors.py: W&B, TensorBoard).
@@ -155,6 +161,18 @@ class MetricsLog:
     def checkpoint(self, step: int, path: Path) -> None:
         """A checkpoint on disk (W&B artifact when logging.wandb.log_checkpoints)."""
         self._mirror("checkpoint", step, path)
+
+    def alert(self, title: str, text: str) -> None:
+        """A heal's finding and action (forge.train.heal): a W&B alert, a TensorBoard text."""
+        self._mirror("alert", self._step, title, text)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after `step` (a heal rolled back): the file is rewritten and reopened. The mirrors
+        keep their history (W&B cannot rewind a run; it gets the re-trained steps after the last it has)."""
+        self._file.close()
+        truncate_after(self.path, step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._step = step
 
     def close(self, exit_code: int = 0) -> None:
         self._file.close()

@@ -54,18 +54,32 @@ class WandbMirror:
         self.run = wandb.init(**settings, config=config,
                               settings=wandb.Settings(console="off", x_disable_stats=True, reinit="create_new"))
         WandbMirror.open_runs += 1
+        self.last_step = -1
+
+    def _behind(self, step: int) -> bool:
+        """A step before the last one logged: a heal rolled the run back, and a W&B history cannot rewind
+        (the alert says so); the re-trained steps are logged from the last step W&B has on."""
+        if step < self.last_step:
+            return True
+        self.last_step = step
+        return False
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
+        if not self._behind(step):
+            self.run.log(metrics, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         self.run.summary.update(values)
 
     def histograms(self, step: int, tensors: dict) -> None:
+        if self._behind(step):
+            return
         self.run.log({f"hist/{n}": self.wandb.Histogram(t.detach().float().cpu().numpy()) for n, t in tensors.items()},
                      step=step)
 
     def media(self, step: int, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list]]]) -> None:
+        if self._behind(step):
+            return
         logged: dict[str, Any] = {k: self.wandb.Image(str(p)) for k, p in images.items()}
         for key, (columns, rows) in tables.items():
             logged[key] = self.wandb.Table(columns=columns, data=rows)
@@ -74,6 +88,9 @@ class WandbMirror:
     def tag(self, tag: str) -> None:
         if tag not in self.run.tags:
             self.run.tags = (*self.run.tags, tag)
+
+    def alert(self, step: int, title: str, text: str) -> None:
+        self.run.alert(title=title, text=f"step {step}: {text}")
 
     def checkpoint(self, step: int, path: Path) -> None:
         if not self.log_checkpoints:
@@ -125,6 +142,10 @@ class TensorBoardMirror:
 
     def tag(self, tag: str) -> None:
         self.writer.add_text("warnings", tag)
+
+    def alert(self, step: int, title: str, text: str) -> None:
+        self.writer.add_text("heal", f"{title}: {text}", global_step=step)
+        self.writer.flush()
 
     def checkpoint(self, step: int, path: Path) -> None:
         pass   # TensorBoard has no artifacts: the checkpoints are in the run directory

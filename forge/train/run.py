@@ -33,6 +33,11 @@ class TrainRequest:
     force: bool = False
     data_dir: Optional[Path] = None
     attach: Optional[Path] = None
+    heal: bool = False            # --heal: train.heal.enabled = true, recorded as an override
+
+    @property
+    def spec_overrides(self) -> list[str]:
+        return [*self.overrides, *(["train.heal.enabled=true"] if self.heal else [])]
 
     def check(self) -> None:
         """Combinations of options that cannot work, before anything is read or written."""
@@ -42,6 +47,9 @@ class TrainRequest:
             raise ForgeError("--from-step is not supported with --nproc: resume from step N on one process first")
         if self.resume and self.overrides:
             raise ForgeError("--set cannot change a run being resumed; start a new run with the changed spec")
+        if self.resume and self.heal:
+            raise ForgeError("--heal cannot change a run being resumed: its spec says whether it heals "
+                             "(train.heal.enabled); start a new run with --heal")
 
 
 @dataclass
@@ -69,7 +77,7 @@ def run_training(request: TrainRequest) -> Outcome:
     else:
         if request.spec is None:
             raise ForgeError("give a SPEC to start a run, or --resume RUN_ID to continue one")
-        resolved = _load(request.spec, request.overrides)
+        resolved = _load(request.spec, request.spec_overrides)
         _check_split(resolved, request.nproc)    # before the checklist and the run directory: nothing written
         t0 = time.perf_counter()
         with ui.working(f"checking {request.spec}: the before-first-run checklist (preparing the data, a real step)"):
@@ -90,7 +98,7 @@ def run_training(request: TrainRequest) -> Outcome:
 def _worker(request: TrainRequest, data_dir: Path) -> Outcome:
     if request.nproc:
         raise ForgeError("--nproc starts torchrun itself: do not combine it with torchrun")
-    result, run, world, resolved = launch.run_worker(request.spec, request.overrides, attach=request.attach,
+    result, run, world, resolved = launch.run_worker(request.spec, request.spec_overrides, attach=request.attach,
                                                      resume=request.resume, run_id=request.run_id,
                                                      force=request.force, max_steps=request.max_steps,
                                                      data_dir=data_dir)
@@ -113,6 +121,8 @@ def _check_split(resolved, nproc: Optional[int]) -> None:
 
     if nproc:
         check_batch_split(resolved.spec.data.batch_size, resolved.spec.data.grad_accum, nproc)
+        if resolved.spec.train.heal.enabled:
+            raise ForgeError("train.heal is not supported with --nproc yet: heal on one process")
 
 
 def _render_refusal(result: launch.LaunchResult, spec: Optional[Path], spec_hash: str) -> None:

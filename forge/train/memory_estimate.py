@@ -20,24 +20,21 @@ Validation, two ways (benchmarks/bench_memory_estimate.py, BENCHMARKS.md "Memory
     the meta kernels run in Python, so it validates, it is not the estimate);
   - the measured peak of a real step: CPU, peak RSS (ru_maxrss) of a fresh process minus its RSS before the
     model is built; CUDA, torch.cuda.max_memory_allocated.
-A real CPU process holds more than its live tensors: CPU_RUNTIME_BYTES (libraries' workspaces, the autograd
-engine, glibc's free lists) is added on CPU.
+`forge check` adds, on CPU, what its own process holds (process_bytes: the interpreter, torch, forge): a training
+process holds the same before its first step (the data's token arrays come on top).
 """
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import weakref
+from unittest import mock
 from dataclasses import dataclass
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GB = 1e9
-# What a CPU training process holds beyond its live tensors at any batch: the measured peak minus the ledger's
-# peak at small batches (bench_memory_estimate.py; AMD EPYC, torch 2.13, 1 thread).
-CPU_RUNTIME_BYTES = int(0.10 * GB)
 MODES = ("off", "backbone", "backbone_and_trm")
 FLOAT = 4
 
@@ -69,8 +66,11 @@ class Ledger(TorchDispatchMode):
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:   # a host read: finite, step count 1
-            return True if args[0].dtype == torch.bool else 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # a host read: a bool is a finiteness check (finite); a (1,) float the non-finite flag (0); a 0-dim
+            # float AdamW's step count (1)
+            t = args[0]
+            return True if t.dtype == torch.bool else 0 if t.dim() else 1
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
@@ -78,19 +78,11 @@ class Ledger(TorchDispatchMode):
         return out
 
 
-class CpuAttention(TorchFunctionMode):
+def cpu_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """scaled_dot_product_attention as the CPU runs it (its flash kernel: q, k, v, the output and the log-sum-exp
-    kept for the backward), where the meta device would pick the math path (a T x T score matrix per head)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v = args[:3]
-            mask = kwargs.get("attn_mask")
-            out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, bool(kwargs.get("is_causal", False)), attn_mask=mask)
-            return out
-        return func(*args, **kwargs)
+    kept for the backward), where the meta device would take the math path (a T x T score matrix per head)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                       attn_mask=attn_mask, scale=scale)[0]
 
 
 @dataclass(frozen=True)
@@ -99,6 +91,7 @@ class StepPeak:
     weights: int          # parameters and buffers
     optimizer: int        # the optimizer's state after its first step (with the kept copy)
     peak: int             # the high-water mark of the step: weights, optimizer state, gradients, activations
+    forward: int = 0      # ... of its forward alone
 
     @property
     def activations(self) -> int:
@@ -130,14 +123,18 @@ def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str, 
         set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
         optimizer = build_optimizer(spec.optim, model)
         ledger = Ledger()
-        with ledger, (CpuAttention() if device == "meta" else contextlib.nullcontext()):
+        # the model calls torch.nn.functional.scaled_dot_product_attention: on the meta device, the CPU's kernel
+        attention = (mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", cpu_attention)
+                     if device == "meta" else contextlib.nullcontext())
+        with ledger, attention:
             for t in [*model.parameters(), *model.buffers()]:
                 ledger.hold(t)
             weights = ledger.current
-            for p in model.parameters():          # one step creates the optimizer's state
-                p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for _ in range(2):                    # the first step creates the state, the second its kept copy
+                for p in model.parameters():
+                    p.grad = torch.zeros_like(p)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             state = ledger.current - weights
             peaks = []
             for batch in micro_batches:
@@ -147,6 +144,7 @@ def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str, 
                 with autocast:
                     out = model(idx[:, :-1], idx[:, 1:], act_loss_weight=spec.model.act.loss_weight)
                     loss = training_loss(model, out, spec.model.act.loss_weight, LOCAL)
+                    forward = ledger.peak
                     loss.backward()
                 del out, loss
                 for attn in model.modules():      # QK-clip consumes the record after the step (nothing allocated)
@@ -154,7 +152,7 @@ def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str, 
                         attn.max_logit = None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                peaks.append(StepPeak(weights, state, ledger.peak))
+                peaks.append(StepPeak(weights, state, ledger.peak, forward))
     return peaks
 
 
@@ -169,27 +167,25 @@ class Estimate:
     seq_len: int           # the longest sequence of the curriculum
     mode: str              # train.gradient_checkpointing
     weights: int
-    gradients: int
     optimizer: int         # optimizer state and the non-finite guard's kept copy (of weights and state)
-    activations: int       # the step's high-water mark of activations and temporaries
-    runtime: int           # the process beyond its tensors (CPU)
+    activations: int       # the step's high-water mark of activations, temporaries and gradients
+    runtime: int           # the process beyond the step (CPU: process_bytes)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+        return self.weights + self.optimizer + self.activations + self.runtime
 
     def setting(self) -> str:
         return (f"batch {self.micro_batch * self.grad_accum} = {self.grad_accum} x {self.micro_batch}, seq "
                 f"{self.seq_len}, {self.precision}, checkpointing {self.mode}")
 
     def bytes(self) -> dict[str, int]:
-        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
-                "activations": self.activations, "runtime": self.runtime}
+        return {"weights": self.weights, "optimizer": self.optimizer, "activations": self.activations,
+                "runtime": self.runtime}
 
     def parts(self) -> str:
-        return (f"weights {self.weights / GB:.2f} + gradients {self.gradients / GB:.2f} + optimizer {self.optimizer / GB:.2f}"
-                f" + activations {self.activations / GB:.2f}" + (f" + runtime {self.runtime / GB:.2f}" if self.runtime else "")
-                + " GB")
+        return (f"weights {self.weights / GB:.2f} + optimizer {self.optimizer / GB:.2f} + activations and gradients "
+                f"{self.activations / GB:.2f}" + (f" + runtime {self.runtime / GB:.2f}" if self.runtime else "") + " GB")
 
 
 @dataclass(frozen=True)
@@ -200,7 +196,7 @@ class Shapes:
     muon: int              # elements updated by Muon
     adamw: int             # elements updated by AdamW
     grokfast: bool
-    buffers: int           # buffer elements (the ACT accuracy EMA)
+    buffer_bytes: int      # the buffers (the ACT accuracy EMA and its count)
 
 
 def model_shapes(spec, model) -> Shapes:
@@ -210,7 +206,8 @@ def model_shapes(spec, model) -> Shapes:
     plans = route_parameters(spec.optim, model)
     count = {kind: sum(p.numel() for g in plans if g.kind == kind for p in g.params) for kind in ("muon", "adamw")}
     return Shapes(spec.model, count["muon"] + count["adamw"], count["muon"], count["adamw"],
-                  spec.optim.recipe.grokfast and spec.optim.grokfast.enabled, sum(b.numel() for b in model.buffers()))
+                  spec.optim.recipe.grokfast and spec.optim.grokfast.enabled,
+                  sum(b.numel() * b.element_size() for b in model.buffers()))
 
 
 def block_floats(d: int, hidden: int, heads: int) -> int:
@@ -237,9 +234,18 @@ def memory_floats(m, d: int, seq_len: int) -> int:
 
 
 def estimate(spec, shapes: Shapes, device: str, precision: str, *, micro_batch: int | None = None,
-             grad_accum: int | None = None, seq_len: int | None = None, mode: str | None = None) -> Estimate:
+             grad_accum: int | None = None, seq_len: int | None = None, mode: str | None = None,
+             runtime: int = 0) -> Estimate:
     """The predicted peak of a training step of `spec` on `device` ("cpu" | "cuda") in `precision` ("fp32" |
-    "bf16"); micro_batch / grad_accum / seq_len / mode default to the spec's (module docstring)."""
+    "bf16"); micro_batch / grad_accum / seq_len / mode default to the spec's (module docstring); `runtime`: the
+    process's memory beyond the step (process_bytes), added as it is.
+
+    The step's high-water mark is the larger of two moments. The end of the forward: every part's kept
+    activations (floats per token of a row, below) and what does not grow with the rows (the fused head's weight
+    gradient per outer step and one chunk of its logits, the dense band's masks). And, with checkpointing, the
+    backward's recomputation of the first segment it reaches: with "backbone_and_trm" the last refiner application,
+    while everything but the last head is still kept, plus the gradients; with "backbone" the blocks come last,
+    when little else is left."""
     from forge.model.loss import CE_CHUNK
     from forge.model.model import FUSED_CE_DEVICES
 
@@ -249,44 +255,58 @@ def estimate(spec, shapes: Shapes, device: str, precision: str, *, micro_batch: 
     seq_len = seq_len or max([spec.data.seq_len, *(stage.seq_len for stage in spec.data.curriculum)])
     mode = mode or spec.train.gradient_checkpointing
     d, T, H = m.d_model, seq_len, m.n_heads
-    fused = device in FUSED_CE_DEVICES
-    # the backward recomputes one checkpointed segment at a time; what a segment keeps is its output (and the
-    # refiner's input, a sum only the checkpoint holds)
-    backbone = block_floats(d, m.ffn_hidden, H)
-    kept_backbone = d if mode != "off" else backbone
-    per_row = d + m.n_layers * kept_backbone                        # embedding, blocks
-    shared = 0                                                      # bytes that do not grow with the rows
-    window = m.attention.sw_window
-    if m.attention.type != "full" and window < T < 8 * window:      # the dense band's bool mask, kept per call
-        shared += T * T * (m.n_layers + (m.trm.n_layers * m.trm.t_max * (m.trm.micro_steps + 1) if m.trm.enabled else 0))
-    if m.memory.enabled:
-        per_row += memory_floats(m.memory, d, T) / T + 2 * m.gate.hidden + 15 * d + 2
-    else:
-        per_row += d + 1
-    segment = backbone
-    steps = m.trm.t_max if m.trm.enabled else 1
-    if m.trm.enabled:
-        refiner = m.trm.n_layers * block_floats(d, m.trm.ffn_hidden, H) + 2 * d + 1
-        with_grad = m.trm.t_max * (m.trm.micro_steps + 1 if m.trm.grad_cycles == "all" else 2)
-        kept = 2 * d if mode == "backbone_and_trm" else refiner + d
-        per_row += with_grad * kept
-        segment = max(segment, refiner) if mode == "backbone_and_trm" else segment
-    # deep supervision, every outer step: the normalised state and its rstd, the CE and predictions; CPU's fused
-    # head keeps the gradient of its input (and of the head's weight, shared); elsewhere log_softmax's output
-    per_row += steps * (d + 8 + (d if fused else m.vocab_size))
     rows = micro_batch * T
-    if fused:                 # + one chunk's logits and probabilities at a time
-        shared += steps * m.vocab_size * d * FLOAT + 2 * min(CE_CHUNK, rows) * m.vocab_size * FLOAT
-    activations = rows * per_row * FLOAT + shared
-    if mode != "off":                                               # one segment recomputed at a time
-        activations += micro_batch * T * segment * FLOAT
-    if precision == "bf16":                                         # measured, see bf16_activation_share
+    block = block_floats(d, m.ffn_hidden, H)
+    backbone = d + m.n_layers * (d if mode != "off" else block)     # embedding, blocks (a checkpointed block: its output)
+    kept = backbone
+    kept += (memory_floats(m.memory, d, T) / T + 2 * m.gate.hidden + 15 * d + 2) if m.memory.enabled else d + 1
+    steps, refiner = 1, 0
+    if m.trm.enabled:   # an application of f keeps its blocks, its norm and its input sum (checkpointed: its output)
+        steps = m.trm.t_max
+        refiner = m.trm.n_layers * block_floats(d, m.trm.ffn_hidden, H) + 3 * d + 1
+        applications = steps * (m.trm.micro_steps + 1 if m.trm.grad_cycles == "all" else 2)
+        kept += applications * (d if mode == "backbone_and_trm" else refiner)
+    # deep supervision, every outer step: the normalised state and its rstd, CE and predictions, and the fused
+    # head's gradient of its input (CPU), else log_softmax's output over the vocabulary
+    fused = device in FUSED_CE_DEVICES
+    head = d + 8 + (d if fused else m.vocab_size)
+    kept += steps * head
+    masks = 0                                                       # the dense band's bool mask, kept per call
+    if m.attention.type != "full" and m.attention.sw_window < T < 8 * m.attention.sw_window:
+        calls = m.n_layers + (m.trm.n_layers * m.trm.t_max * (m.trm.micro_steps + 1) if m.trm.enabled else 0)
+        masks = T * T * calls
+    fused_head = steps * m.vocab_size * d * FLOAT + min(CE_CHUNK, rows) * m.vocab_size * FLOAT if fused else 0
+    forward = rows * kept * FLOAT + fused_head + masks
+    gradients = shapes.params * FLOAT
+    if mode == "backbone_and_trm" and m.trm.enabled:
+        backward = rows * (kept - head + refiner) * FLOAT + masks + gradients
+    elif mode != "off":
+        backward = rows * (backbone + block) * FLOAT + masks + gradients
+    else:
+        backward = 0
+    # the optimizer step, activations freed: the gradients, Muon's Nesterov updates, their orthogonalised form
+    # and Newton-Schulz's stacked working copies (3.5 x its matrices, the ledger on phase1), AdamW's foreach
+    # temporaries (2 x its parameters)
+    optimizer_step = gradients + int((3.5 * shapes.muon + 2 * shapes.adamw) * FLOAT)
+    activations = max(forward, backward, optimizer_step)
+    if precision == "bf16":
         activations = int(activations * BF16_ACTIVATION_SHARE)
-    weights = (shapes.params + shapes.buffers) * FLOAT
+    weights = shapes.params * FLOAT + shapes.buffer_bytes
     state = shapes.muon + 2 * shapes.adamw + (shapes.params if shapes.grokfast else 0)
     optimizer = (state + shapes.params) * FLOAT + state * FLOAT    # state, kept copy of weights and state
-    return Estimate(device, precision, micro_batch, grad_accum, seq_len, mode, weights, shapes.params * FLOAT,
-                    optimizer, int(activations), CPU_RUNTIME_BYTES if device == "cpu" else 0)
+    return Estimate(device, precision, micro_batch, grad_accum, seq_len, mode, weights, optimizer, int(activations),
+                    runtime)
+
+
+def process_bytes() -> int:
+    """This process's anonymous resident memory (/proc/self/statm: resident - shared; 0 where unreadable): on CPU
+    what a training process holds besides its step (interpreter, torch, forge), as `forge check` holds it."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            _, resident, shared = (int(x) for x in f.read().split()[:3])
+    except (OSError, ValueError):
+        return 0
+    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
 
 
 # bf16 autocast: the share of fp32's activation bytes (matmul outputs in bf16, norms, softmax and losses in
@@ -332,7 +352,7 @@ def target(spec, device: str | None = None, memory_gb: float | None = None) -> T
     return Target(device, name, native, budget, where)
 
 
-def fitting_changes(spec, shapes: Shapes, at: Target, limit: int) -> list[Change]:
+def fitting_changes(spec, shapes: Shapes, at: Target, limit: int, runtime: int = 0) -> list[Change]:
     """The spec changes that bring the predicted peak under `limit`: the lightest of each lever that fits alone
     (a checkpointing mode, micro-batching through data.grad_accum, bf16 where native), else the lightest
     combinations; each with its predicted peak."""
@@ -342,7 +362,7 @@ def fitting_changes(spec, shapes: Shapes, at: Target, limit: int) -> list[Change
     precisions = [at.precision] + (["bf16"] if at.precision == "fp32" and at.bf16_native else [])
 
     def peak(m: str, g: int, p: str) -> int:
-        return estimate(spec, shapes, at.device, p, grad_accum=g, mode=m).total
+        return estimate(spec, shapes, at.device, p, grad_accum=g, mode=m, runtime=runtime).total
 
     def overrides(m: str, g: int, p: str) -> str:
         changed = [(f'train.gradient_checkpointing={m}', m != mode), (f"data.grad_accum={g}", g != accums[0]),
@@ -359,4 +379,6 @@ def fitting_changes(spec, shapes: Shapes, at: Target, limit: int) -> list[Change
                 g = next((g for g in accums if peak(m, g, p) <= limit), None)
                 if g is not None and (m, g, p) != (mode, accums[0], precisions[0]):
                     found.append((m, g, p))
-    return [Change(overrides(*s), peak(*s)) for s in found]
+    changes = [Change(overrides(*s), peak(*s)) for s in found]
+    parts = [set(c.overrides.split(" --set ")) for c in changes]   # drop a combination that adds to another
+    return [c for c, mine in zip(changes, parts) if not any(other < mine for other in parts)]

@@ -16,13 +16,14 @@ def memory_fits(ctx: CheckContext, headroom: float = 0.0) -> Outcome:
     (checkpointing mode, micro-batching through data.grad_accum, bf16 where the device computes it natively),
     each with its predicted peak. data = the estimate by part and the suggestions."""
     from forge.model import build_model
-    from forge.train.memory_estimate import fitting_changes, estimate, model_shapes, target
+    from forge.train.memory_estimate import estimate, fitting_changes, model_shapes, process_bytes, target
 
     spec = ctx.spec
     at = target(spec, ctx.device, ctx.memory_gb)
     shapes = ctx.cached("memory:shapes", lambda: model_shapes(
         spec, ctx.cached("meta_model", lambda: build_model(spec.model, spec.objective, device="meta"))))
-    peak = estimate(spec, shapes, at.device, at.precision)
+    runtime = process_bytes() if at.device == "cpu" else 0
+    peak = estimate(spec, shapes, at.device, at.precision, runtime=runtime)
     measured = f"{peak.total / GB:.2f} GB predicted on {at.device} ({peak.setting()}: {peak.parts()})"
     data = {"predicted_gb": round(peak.total / GB, 3), **{k: round(v / GB, 3) for k, v in peak.bytes().items()}}
     if at.budget is None:
@@ -32,7 +33,7 @@ def memory_fits(ctx: CheckContext, headroom: float = 0.0) -> Outcome:
     data["budget_gb"] = round(limit / GB, 3)
     if peak.total <= limit:
         return passed(measured, expected, f"{(limit - peak.total) / GB:.2f} GB to spare", data=data)
-    changes = fitting_changes(spec, shapes, at, limit)
+    changes = fitting_changes(spec, shapes, at, limit, runtime)
     for change in changes:
         data[f"with {change.overrides}"] = round(change.peak / GB, 3)
     fixes = "; ".join(f"--set {c.overrides}: {c.peak / GB:.2f} GB" for c in changes) or \

@@ -62,13 +62,13 @@ class PeakSampler:
         return max(self.peak, anonymous_bytes())
 
 
-def child(spec: str, batch: int, mode: str) -> None:
+def child(spec: str, batch: int, mode: str, precision: str = "fp32") -> None:
     import torch._dynamo  # noqa: F401  (what building a model imports first: in every forge process before a step)
     from bench_train_step import build_trainer
 
     before = anonymous_bytes()
     sampler = PeakSampler()
-    trainer = build_trainer(spec, [f"data.batch_size={batch}", "data.grad_accum=1", "train.precision=fp32",
+    trainer = build_trainer(spec, [f"data.batch_size={batch}", "data.grad_accum=1", f"train.precision={precision}",
                                    f"train.gradient_checkpointing={mode}"])
     for _ in range(2):
         trainer.train_step(collect=False)
@@ -92,10 +92,11 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup_threads(args.threads)
     if args.child:
-        return child(args.child, args.batch, args.mode)
+        return child(args.child, args.batch, args.mode, args.precision)
 
     import torch
 
@@ -111,7 +112,7 @@ def main() -> None:
         for mode in MODES:
             predicted = estimate(spec, shapes, "cpu", "fp32", micro_batch=batch, grad_accum=1,
                                  seq_len=spec.data.seq_len, mode=mode)
-            ledger = (ledger_peaks(spec, (batch,), spec.data.seq_len, mode, "fp32", "cpu")[0].peak
+            ledger = (ledger_peaks(spec, (batch,), spec.data.seq_len, mode)[0].peak
                       if args.ledger else None)
             live = measure(spec_path, batch, mode, args.threads, FIXED_MMAP)
             default = measure(spec_path, batch, mode, args.threads, {})

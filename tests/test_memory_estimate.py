@@ -70,7 +70,7 @@ def test_check_judges_the_device_memory_by_default_and_cuda_without_a_gpu_is_ski
 def test_estimate_matches_the_ledger_of_the_real_step(tiny):
     """The arithmetic against the step itself run on the meta device with every storage booked (tensors only)."""
     spec, shapes = tiny
-    (booked,) = ledger_peaks(spec, (4,), spec.data.seq_len, "backbone_and_trm", "fp32", "cpu")
+    (booked,) = ledger_peaks(spec, (4,), spec.data.seq_len, "backbone_and_trm")
     predicted = estimate(spec, shapes, "cpu", "fp32", micro_batch=4, grad_accum=1, mode="backbone_and_trm")
     assert predicted.weights == booked.weights
     assert predicted.total == pytest.approx(booked.peak, rel=0.10)

@@ -1,7 +1,7 @@
 """Pre-flight memory estimate (B1, the OOM branch of the debugging tree): a training step's peak memory,
 predicted before the first step from the spec alone, and the spec changes that would make it fit.
 
-The estimate is the model's own arithmetic (`estimate`, microseconds): bytes of the weights, the gradients and
+The estimate is the model's own arithmetic (`estimate`, well under a millisecond): bytes of the weights, the gradients and
 the optimizer's state (Muon momentum, AdamW's two moments, the Grokfast EMA, and the non-finite guard's kept
 copy of all of them: forge.optim.optimizer), plus the activations a training step keeps for its backward,
 counted per token of a micro-batch row for each part of the model (backbone block, memory chunk, gate, TRM
@@ -14,22 +14,21 @@ the code, then checked against the ledger below); the peak is at the micro-batch
 sequence of its curriculum.
 
 Validation, two ways (benchmarks/bench_memory_estimate.py, BENCHMARKS.md "Memory estimate"):
-  - `ledger_peak` runs the real training step on the meta device (no memory allocated, no arithmetic), with a
+  - `ledger_peaks` runs the real training step on the meta device (no memory allocated, no arithmetic), with a
     dispatch mode that books every storage the step's operators create and, by a weak reference, frees: its
     high-water mark is the live tensor bytes of the step, from the model's and optimizer's own code (seconds:
-    the meta kernels run in Python, so it validates, it is not the estimate);
-  - the measured peak of a real step: CPU, peak RSS (ru_maxrss) of a fresh process minus its RSS before the
-    model is built; CUDA, torch.cuda.max_memory_allocated.
+    the meta kernels run in Python, so it validates, it is not the estimate; fp32);
+  - the measured peak of a real step on CPU: the peak anonymous resident memory of a fresh process over two
+    steps minus its value before the model is built.
 `forge check` adds, on CPU, what its own process holds (process_bytes: the interpreter, torch, forge): a training
 process holds the same before its first step (the data's token arrays come on top).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import weakref
-from unittest import mock
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -89,70 +88,53 @@ def cpu_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
 class StepPeak:
     """The ledger's figures of one training step (bytes)."""
     weights: int          # parameters and buffers
-    optimizer: int        # the optimizer's state after its first step (with the kept copy)
+    optimizer: int        # the optimizer's state and its kept copy, after two steps
     peak: int             # the high-water mark of the step: weights, optimizer state, gradients, activations
-    forward: int = 0      # ... of its forward alone
-
-    @property
-    def activations(self) -> int:
-        """Everything the step adds at its peak: gradients, saved activations, temporaries."""
-        return self.peak - self.weights - self.optimizer
 
 
-def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str, precision: str,
-               device_type: str) -> list[StepPeak]:
-    """The ledger's StepPeak of a training step of `spec` at each micro-batch, sequence length seq_len,
-    gradient checkpointing `mode`, precision "fp32" | "bf16", on a device of type "cpu" | "cuda" (which picks the
-    model's loss head: forge.model.model.FUSED_CE_DEVICES)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str,
+                 device_type: str = "cpu") -> list[StepPeak]:
+    """The ledger's StepPeak of an fp32 training step of `spec` at each micro-batch, sequence length seq_len and
+    gradient checkpointing `mode`, with the loss head of a device of type `device_type`
+    (forge.model.model.FUSED_CE_DEVICES) and CPU's attention kernel."""
     from forge.model import build_model
     from forge.model.objective import LOCAL
     from forge.optim import build_optimizer
     from forge.optim.qk_clip import set_max_logit_tracking
     from forge.train.objective import training_loss
 
-    bf16 = precision == "bf16"
-    fake = FakeTensorMode(allow_non_fake_inputs=True) if bf16 else contextlib.nullcontext()
-    device = "cpu" if bf16 else "meta"
-    with fake, torch.random.fork_rng(devices=[]):
-        model = build_model(spec.model, spec.objective, device=None if bf16 else "meta")
-        model.train()
-        model.set_gradient_checkpointing(mode)
-        model.head_device_type = device_type
-        set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
-        optimizer = build_optimizer(spec.optim, model)
-        ledger = Ledger()
-        # the model calls torch.nn.functional.scaled_dot_product_attention: on the meta device, the CPU's kernel
-        attention = (mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", cpu_attention)
-                     if device == "meta" else contextlib.nullcontext())
-        with ledger, attention:
-            for t in [*model.parameters(), *model.buffers()]:
-                ledger.hold(t)
-            weights = ledger.current
-            for _ in range(2):                    # the first step creates the state, the second its kept copy
-                for p in model.parameters():
-                    p.grad = torch.zeros_like(p)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state = ledger.current - weights
-            peaks = []
-            for batch in micro_batches:
-                idx = torch.zeros(batch, seq_len + 1, dtype=torch.long, device=device)
-                ledger.reset_peak()
-                autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-                with autocast:
-                    out = model(idx[:, :-1], idx[:, 1:], act_loss_weight=spec.model.act.loss_weight)
-                    loss = training_loss(model, out, spec.model.act.loss_weight, LOCAL)
-                    forward = ledger.peak
-                    loss.backward()
-                del out, loss
-                for attn in model.modules():      # QK-clip consumes the record after the step (nothing allocated)
-                    if hasattr(attn, "max_logit"):
-                        attn.max_logit = None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                peaks.append(StepPeak(weights, state, ledger.peak, forward))
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(spec.model, spec.objective, device="meta")
+    model.train()
+    model.set_gradient_checkpointing(mode)
+    model.head_device_type = device_type
+    set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
+    optimizer = build_optimizer(spec.optim, model)
+    ledger = Ledger()
+    # the model calls torch.nn.functional.scaled_dot_product_attention: on the meta device, the CPU's kernel
+    with ledger, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", cpu_attention):
+        for t in [*model.parameters(), *model.buffers()]:
+            ledger.hold(t)
+        weights = ledger.current
+        for _ in range(2):                        # the first step creates the state, the second its kept copy
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state = ledger.current - weights
+        peaks = []
+        for batch in micro_batches:
+            idx = torch.zeros(batch, seq_len + 1, dtype=torch.long, device="meta")
+            ledger.reset_peak()
+            out = model(idx[:, :-1], idx[:, 1:], act_loss_weight=spec.model.act.loss_weight)
+            training_loss(model, out, spec.model.act.loss_weight, LOCAL).backward()
+            del out
+            for attn in model.modules():          # QK-clip consumes the record after the step (nothing allocated)
+                if hasattr(attn, "max_logit"):
+                    attn.max_logit = None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            peaks.append(StepPeak(weights, state, ledger.peak))
     return peaks
 
 
@@ -190,8 +172,7 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Shapes:
-    """The model's sizes the activation arithmetic reads, and its parameter counts by optimizer."""
-    spec: object           # ModelSpec
+    """The model's parameter counts by optimizer (its sizes the arithmetic reads from the spec)."""
     params: int            # every trainable parameter (the tied head once)
     muon: int              # elements updated by Muon
     adamw: int             # elements updated by AdamW
@@ -205,16 +186,17 @@ def model_shapes(spec, model) -> Shapes:
 
     plans = route_parameters(spec.optim, model)
     count = {kind: sum(p.numel() for g in plans if g.kind == kind for p in g.params) for kind in ("muon", "adamw")}
-    return Shapes(spec.model, count["muon"] + count["adamw"], count["muon"], count["adamw"],
+    return Shapes(count["muon"] + count["adamw"], count["muon"], count["adamw"],
                   spec.optim.recipe.grokfast and spec.optim.grokfast.enabled,
                   sum(b.numel() * b.element_size() for b in model.buffers()))
 
 
 def block_floats(d: int, hidden: int, heads: int) -> int:
-    """Floats per token a pre-norm attention + SwiGLU block keeps for its backward (its output included): the two
-    norms' inputs, outputs and rstd (2 (2d + 1) less the input, counted by its producer: 3d + 2), q, k (after
-    RoPE), v, the attention output and its copy for o_proj (5d), the log-sum-exp (heads), the residual (d), and
-    SwiGLU's gate, its SiLU, up and the product (4 hidden)."""
+    """Floats per token a pre-norm attention + SwiGLU block keeps for its backward, its output included (its input
+    is its producer's): the norms' outputs and rstd, the residual between, q and k after RoPE, v, the attention
+    output and o_proj's copy of it, the output (10 d + 2 in all), CPU flash attention's log-sum-exp (heads), and
+    SwiGLU's gate, its SiLU, up and their product (4 hidden). Equal to the ledger's count at tiny and phase1
+    shapes."""
     return 10 * d + 4 * hidden + heads + 2
 
 

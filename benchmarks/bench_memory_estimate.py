@@ -10,7 +10,8 @@ Cases: tiny (batch 8, 16) and phase1 (batch 4, 8, seq 512), each with gradient c
   - measured: one fresh process per case builds the trainer as `forge train` does (bench_train_step.build_trainer)
     and runs two training steps (the optimizer state and its kept copy exist from the first); the peak of its
     anonymous resident memory (heap and mapped tensors: /proc/self/statm, resident - shared, sampled every
-    millisecond) over the steps minus its value before the model is built (torch, forge and torch._dynamo imported: building a
+    millisecond, and the second step's through the kernel's VmHWM) over the steps minus its value before the model
+    is built (torch, forge and torch._dynamo imported: building a
     model imports it first). Measured twice:
     with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_=131072: a freed tensor goes back to the
     OS, so the RSS follows the live tensors: the quantity the estimate predicts), and with glibc's default
@@ -70,9 +71,17 @@ def child(spec: str, batch: int, mode: str, precision: str = "fp32") -> None:
     sampler = PeakSampler()
     trainer = build_trainer(spec, [f"data.batch_size={batch}", "data.grad_accum=1", f"train.precision={precision}",
                                    f"train.gradient_checkpointing={mode}"])
-    for _ in range(2):
-        trainer.train_step(collect=False)
-    print(json.dumps({"peak_bytes": sampler.stop() - before}))
+    trainer.train_step(collect=False)
+    # the second step again through the kernel's own high-water mark (exact, where a starved sampler can miss a
+    # short peak): VmHWM reset to the current RSS (clear_refs 5), less the file-backed pages, which the first step
+    # has touched already
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    trainer.train_step(collect=False)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    kib = {k: int(status[k].split()[0]) * 1024 for k in ("VmHWM", "RssFile", "RssShmem")}
+    hwm = kib["VmHWM"] - kib["RssFile"] - kib["RssShmem"] - before
+    print(json.dumps({"peak_bytes": max(sampler.stop() - before, hwm), "sampled": sampler.peak - before, "hwm": hwm}))
 
 
 def measure(spec: str, batch: int, mode: str, threads: int, env: dict) -> int:

@@ -34,15 +34,23 @@ DataDirOption = typer.Option(None, "--data-dir", help="Root of local data source
 def check(spec: Path = typer.Argument(..., help="Spec TOML file."),
           overrides: Optional[List[str]] = SetOption,
           as_json: bool = JsonOption,
-          data_dir: Optional[Path] = DataDirOption) -> None:
+          data_dir: Optional[Path] = DataDirOption,
+          device: Optional[str] = typer.Option(None, "--device", metavar="cpu|cuda",
+                                               help="Judge the memory estimate (B1) for this device "
+                                                    "[default: the spec's train.device here]."),
+          memory_gb: Optional[float] = typer.Option(None, "--memory-gb", min=0.01, metavar="G",
+                                                    help="Memory budget of that device in GB [default: its "
+                                                         "memory: total RAM, or the GPU's total memory].")) -> None:
     """Validate SPEC, then run its before-first-run checklist (exit 1 if a critical item fails)."""
     from forge.checklist.runner import run_checklist
     from forge.spec.budget import check_memory_budget
     from forge.spec.load import load_spec
 
+    if device not in (None, "cpu", "cuda"):
+        raise typer.BadParameter(f"--device must be cpu or cuda (got {device!r})", param_hint="--device")
     resolved = load_spec(spec, overrides or [])
     check_memory_budget(resolved.spec)    # before the checklist allocates the model
-    result = run_checklist(resolved, data_dir=data_dir)
+    result = run_checklist(resolved, data_dir=data_dir, device=device, memory_gb=memory_gb)
     if as_json:
         ui.print_json({"spec": str(spec), "spec_hash": resolved.hash, **result.to_json()})
     else:

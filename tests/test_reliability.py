@@ -321,3 +321,26 @@ def test_a_spec_this_forge_cannot_validate_names_the_run_format(run_cli, trained
     for command in ("diagnose", "report"):
         code, _, err = run_cli(command, "r", "--json", cwd=tmp_path)
         assert code in (0, 1, 3), (command, err)   # read, not refused (3: diagnose undecidable; 2 = bad input)
+
+
+# ------------------------------------------------------------------------- 7. a resume tells what changed
+def test_resume_names_what_changed_since_the_last_launch_and_records_it(run_cli, trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    (first,) = run.launches()
+    assert first["changes"] == [] and first["data"]["sources"]      # the data's fingerprints are recorded
+    source = next(iter(first["data"]["sources"]))
+    older = json.loads(json.dumps(first))                           # a launch on another commit, torch, data
+    older["git"]["commit"], older["packages"]["torch"] = "0" * 40, "2.0.0"
+    older["data"]["sources"][source]["input"] = "stale"
+    run.write("environment.json", [older])
+    code, out, err = run_cli("train", "--resume", "r", "--max-steps", "5", cwd=tmp_path)
+    assert code == 0, err
+    changes = run.launches()[-1]["changes"]
+    assert "packages.torch: 2.0.0 -> " + first["packages"]["torch"] in changes
+    assert f"data.sources.{source}.input: stale -> {first['data']['sources'][source]['input']}" in changes
+    assert any(c.startswith("git.commit: 000000000000 -> ") for c in changes) == bool(first["git"]["commit"])
+    for line in changes:
+        assert f"changed since the last launch: {line}" in out
+    code, out, err = run_cli("train", "--resume", "r", "--max-steps", "6", cwd=tmp_path)   # nothing changed
+    assert code == 0 and "same code, environment and data as the last launch" in out, err
+    assert run.launches()[-1]["changes"] == [] and len(run.launches()) == 3

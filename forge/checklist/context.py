@@ -18,6 +18,8 @@ def default_data_dir() -> Path:
 class CheckContext:
     resolved: ResolvedSpec
     data_dir: Path = field(default_factory=default_data_dir)
+    device: str | None = None        # forge check --device: the device to judge for (default: the spec's)
+    memory_gb: float | None = None   # forge check --memory-gb: its memory budget (default: the device's memory)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -50,10 +50,14 @@ class ChecklistResult:
                 "items": [asdict(r) for r in self.items]}
 
 
-def run_checklist(resolved: ResolvedSpec, data_dir: Path | None = None,
-                  checklist: Checklist | None = None) -> ChecklistResult:
+def run_checklist(resolved: ResolvedSpec, data_dir: Path | None = None, checklist: Checklist | None = None,
+                  device: str | None = None, memory_gb: float | None = None) -> ChecklistResult:
+    """device / memory_gb: the device and memory budget the memory check judges for (default: the spec's
+    device and its memory)."""
     checklist = checklist or load_checklist(resolved.spec.run.checklist)
-    ctx = CheckContext(resolved) if data_dir is None else CheckContext(resolved, data_dir=data_dir)
+    ctx = CheckContext(resolved, device=device, memory_gb=memory_gb)
+    if data_dir is not None:
+        ctx.data_dir = data_dir
     return ChecklistResult(checklist.name, checklist.source, [_run_item(item, ctx) for item in checklist.items])
 
 

@@ -29,6 +29,14 @@ class Data:
     def micro_batch_size(self) -> int:
         return self.spec.batch_size // self.spec.grad_accum
 
+    def fingerprints(self) -> dict:
+        """What the prepared data was built from (forge.data.cache fingerprints): the tokenizer's, and per source
+        its input's (files, hub commit or built-in corpus) and its training token count."""
+        tokenizer = {s.meta.get("tokenizer_fingerprint") for s in self.sources}
+        return {"tokenizer": tokenizer.pop() if len(tokenizer) == 1 else sorted(map(str, tokenizer)),
+                "sources": {s.name: {"input": s.meta.get("source_fingerprint"), "train_tokens": s.meta["train"]["tokens"]}
+                            for s in self.sources}}
+
     def source(self, name: str) -> PreparedSource:
         for s in self.sources:
             if s.name == name:

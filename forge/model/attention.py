@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forge.model.autocast import autocast_off
 from forge.model.rope import RopeTables, apply_rope
 from forge.model.window import AttentionPattern, Piece
 
@@ -102,7 +103,7 @@ def piece_max_logit(piece: Piece, chunk: int = MAX_LOGIT_CHUNK, block: int = MAX
     and a plain causal piece is scored in blocks of `chunk` queries against only the keys they can see, so
     the (never attended) upper triangle is not computed (~(n + 1) / 2n of the FLOPs for n blocks), a few
     heads at a time on CPU so that each block of scores stays in cache."""
-    with torch.autocast(piece.q.device.type, enabled=False):
+    with autocast_off(piece.q.device.type):
         q, k = piece.q.float(), piece.k.float()
         H = q.shape[1]
         if piece.mask is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from forge.model.autocast import autocast_off, compute_dtype
+
 # Rows per chunk: (chunk x vocab) fp32 logits = 8 MB at vocab 8192, reused from the allocator's cache (glibc
 # maps anything above 32 MB afresh). Measured on the 2-core CPU, 4096 rows x 512 -> 8192, forward + backward:
 # 256 rows 0.87-0.90x the plain head's time, 512 rows 0.89-0.92x, 1024 rows 0.94-0.96x (BENCHMARKS.md).
@@ -37,8 +39,8 @@ def linear_cross_entropy(u: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not torch.is_grad_enabled():     # evaluation: a Function's needs_input_grad ignores no_grad
         u, weight = u.detach(), weight.detach()
     device = u.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = compute_dtype(device, u.dtype)
+    with autocast_off(device):
         return _LinearCrossEntropy.apply(u, weight, targets, ignore_index, chunk, dtype)
 
 

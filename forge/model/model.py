@@ -70,6 +70,8 @@ class CognateModel(nn.Module):
         self.step_weights = step_weights(spec)
         self.log_attention_stats = False
         self.checkpoint_blocks = False       # gradient checkpointing of the backbone blocks (OOM mitigation)
+        self.head_device_type: Optional[str] = None   # the loss head of this device type (None: the tensors'),
+                                             # for the memory estimate on the meta device (forge.train.memory_estimate)
         self._attention = attention_modules(self)
         for p in self.parameters():          # every matrix (and the embedding) ~ N(0, init_std)
             if p.dim() == 2:
@@ -160,7 +162,7 @@ class CognateModel(nn.Module):
             # vocabulary-wide tensor kept for the backward; 0.95x the phase1 step). On an H100 it costs 1.55x the
             # step for -2.7 GB, worse than gradient checkpointing (BENCHMARKS.md), so CUDA keeps the plain head.
             returned = (keep_logits or targets is None) and (halt or t == last)
-            fused = targets is not None and not returned and y.device.type in FUSED_CE_DEVICES
+            fused = targets is not None and not returned and (self.head_device_type or y.device.type) in FUSED_CE_DEVICES
             logits = self.lm_head(y) if returned or (targets is not None and not fused) else None
             if z is None:
                 stop = torch.ones_like(halted)

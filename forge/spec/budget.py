@@ -31,6 +31,21 @@ def available_bytes(device: str) -> tuple[int | None, str]:
         return None, "available RAM"
 
 
+def total_bytes(device: str) -> tuple[int | None, str]:
+    """(the device's memory, what it is): the first GPU's total memory on cuda (None without one), else total RAM."""
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return None, "no CUDA device on this machine"
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"total memory of {props.name}"
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "total RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, "total RAM unknown"
+
+
 def check_memory_budget(spec) -> int:
     """The parameter count of the model built from spec.model (on the meta device: nothing allocated);
     ForgeError (exit 2) when parameters x TRAIN_BYTES_PER_PARAM exceed the memory available."""

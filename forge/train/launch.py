@@ -165,13 +165,19 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
         monitors = MonitorSet(load_monitors(spec.run.checklist))
         started = True
         if main:
-            run.add_launch(environment(spec.run.seed, str(parts.device), world.size, parts.precision.record()))
+            changes = run.add_launch(environment(spec.run.seed, str(parts.device), world.size,
+                                                 parts.precision.record(), parts.data.fingerprints()))
             parts.data.tokenizer.save(run.path / "tokenizer.json")   # forge sample needs no data
         if latest is not None and main:
             _rewind(run, start_step, monitors)
         live = LiveView(run.run_id, start_step, stop_at, tty=tty, quiet=not main)
         for line in skipped:
             live.warn(line)
+        if latest is not None and main:   # what differs from the launch before (environment.json records it)
+            for line in changes:
+                live.warn(f"changed since the last launch: {line}")
+            if not changes:
+                live.note("same code, environment and data as the last launch")
         live.note(f"precision: {parts.precision.describe()}")
         log = (MetricsLog(run.metrics_path, spec, run.run_id, run.path, run.read("lineage.json"), warn=live.warn)
                if main else NullMetricsLog())   # rank 0 alone writes records

@@ -249,9 +249,13 @@ class RunDir:
             return [data]
         return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
 
-    def add_launch(self, record: dict[str, Any]) -> None:
-        """Append this launch to environment.json (call it once the launch is known to be valid)."""
-        write_json(self.path / "environment.json", [*self.launches(), record])
+    def add_launch(self, record: dict[str, Any]) -> list[str]:
+        """Append this launch to environment.json (call it once the launch is known to be valid), with what
+        changed since the previous launch (`changes`: launch_changes; a resume prints them). Returns them."""
+        launches = self.launches()
+        record = {**record, "changes": launch_changes(launches[-1], record) if launches else []}
+        write_json(self.path / "environment.json", [*launches, record])
+        return record["changes"]
 
     def spec_data(self) -> dict[str, Any]:
         """The run's resolved spec as a plain dict, migrated to the current run format: what diagnose and
@@ -322,9 +326,11 @@ class RunDir:
         return read_json(self.path / name)
 
 
-def environment(seed: int, device: str, world_size: int = 1, precision: dict | None = None) -> dict[str, Any]:
+def environment(seed: int, device: str, world_size: int = 1, precision: dict | None = None,
+                data: dict | None = None) -> dict[str, Any]:
     """What a reader needs to reproduce the run: versions, device, the precision it computes in
-    (forge.train.precision's record), code revision, seed, command."""
+    (forge.train.precision's record), code revision, the data's fingerprints (forge.data.Data.fingerprints),
+    seed, command."""
     import importlib.metadata as md
 
     import torch
@@ -346,9 +352,50 @@ def environment(seed: int, device: str, world_size: int = 1, precision: dict | N
         "world_size": world_size,
         "precision": precision,
         "git": git_revision(),
+        "data": data,
         "seed": seed,
         "argv": sys.argv,
     }
+
+
+# What a resume compares with the previous launch: the code, the environment and the data (the spec itself is
+# compared by its hash and a changed one refused: forge.train.launch). Measured figures (the precision's matmul
+# peaks), the command line and the time are not compared.
+COMPARED = ("forge", "git.commit", "git.dirty", "python", "platform", "packages", "device", "cuda_device",
+            "torch_threads", "world_size", "precision.name", "precision.capability", "data")
+
+
+def launch_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per COMPARED field that differs between two launch records ("key: old -> new"); a field the
+    previous launch did not record (an older forge) is named once as not comparable."""
+    def leaves(record: dict, key: str) -> dict[str, Any]:
+        node: Any = record
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return {}
+            node = node[part]
+        if isinstance(node, dict):
+            return {f"{key}.{k}": v for sub, value in node.items() for k, v in leaves({sub: value}, sub).items()}
+        return {key: node}
+
+    lines, unrecorded = [], []
+    for key in COMPARED:
+        old, new = leaves(previous, key), leaves(current, key)
+        if not old and new:
+            unrecorded.append(key)
+            continue
+        for name in sorted(set(old) | set(new)):
+            before, after = old.get(name, "(none)"), new.get(name, "(none)")
+            if before != after:
+                lines.append(f"{name}: {_short(before)} -> {_short(after)}")
+    if unrecorded:
+        lines.append(f"not recorded by the previous launch, not compared: {', '.join(unrecorded)}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:12] if len(text) == 40 and all(c in "0123456789abcdef" for c in text) else text   # a commit
 
 
 def _forge_version() -> str:

@@ -12,7 +12,7 @@ def param_budget(ctx: CheckContext, target: int, tolerance: int) -> Outcome:
     from forge.model import build_model, count_parameters
 
     counts = ctx.cached("model:param_counts", lambda: count_parameters(
-        build_model(ctx.spec.model, ctx.spec.objective, device="meta")))
+        ctx.cached("meta_model", lambda: build_model(ctx.spec.model, ctx.spec.objective, device="meta"))))
     total = counts["total"]
     table = ", ".join(f"{name} {_short(n)}" for name, n in counts.items() if name != "total" and n)
     measured = f"{total:,} ({total / 1e6:.2f}M)"

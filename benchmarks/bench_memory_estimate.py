@@ -1,0 +1,147 @@
+"""The pre-flight memory estimate (forge check, B1-memory-estimate) against the measured peak of a real step.
+
+    .venv/bin/python benchmarks/bench_memory_estimate.py [--threads 1] [--ledger] [--quick]
+
+Cases: tiny (batch 8, 16) and phase1 (batch 4, 8, seq 512), each with gradient checkpointing off and
+"backbone_and_trm", fp32 on the CPU. Per case:
+  - estimate: forge.train.memory_estimate.estimate, what forge check prints (the model's arithmetic);
+  - ledger (--ledger): the real training step on the meta device with every storage booked (live tensor bytes of
+    the step from the model's and optimizer's own code; no runtime term);
+  - measured: one fresh process per case builds the trainer as `forge train` does (bench_train_step.build_trainer)
+    and runs two training steps (the optimizer state and its kept copy exist from the first); the peak of its
+    anonymous resident memory (heap and mapped tensors: /proc/self/statm, resident - shared, sampled every
+    millisecond, and the second step's through the kernel's VmHWM) over the steps minus its value before the model
+    is built (torch, forge and torch._dynamo imported: building a
+    model imports it first). Measured twice:
+    with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_=131072: a freed tensor goes back to the
+    OS, so the RSS follows the live tensors: the quantity the estimate predicts), and with glibc's default
+    (its threshold rises with every freed block up to 32 MiB, so freed activations of a small batch stay
+    resident in its heap: the excess is the allocator's, and varies run to run).
+Writes benchmarks/results/memory_estimate.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+
+from common import ROOT, setup_threads, table, write_result
+
+CASES = [("specs/tiny.toml", 8), ("specs/tiny.toml", 16), ("specs/phase1.toml", 4), ("specs/phase1.toml", 8)]
+MODES = ("off", "backbone_and_trm")
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def anonymous_bytes() -> int:
+    """Resident memory that no file backs (heap and mapped tensors): /proc/self/statm resident - shared. Not
+    ru_maxrss: that counts the code pages of torch's libraries as the step first touches them, which varies
+    with the page cache by ~0.1 GB."""
+    with open("/proc/self/statm") as f:
+        _, resident, shared = (int(x) for x in f.read().split()[:3])
+    return (resident - shared) * resource.getpagesize()
+
+
+class PeakSampler:
+    """The largest anonymous_bytes() seen by a thread that reads it every millisecond."""
+
+    def __init__(self):
+        self.peak, self._stop = anonymous_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, anonymous_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, anonymous_bytes())
+
+
+def child(spec: str, batch: int, mode: str, precision: str = "fp32") -> None:
+    import torch._dynamo  # noqa: F401  (what building a model imports first: in every forge process before a step)
+    from bench_train_step import build_trainer
+
+    before = anonymous_bytes()
+    sampler = PeakSampler()
+    trainer = build_trainer(spec, [f"data.batch_size={batch}", "data.grad_accum=1", f"train.precision={precision}",
+                                   f"train.gradient_checkpointing={mode}"])
+    trainer.train_step(collect=False)
+    # the second step again through the kernel's own high-water mark (exact, where a starved sampler can miss a
+    # short peak): VmHWM reset to the current RSS (clear_refs 5), less the file-backed pages, which the first step
+    # has touched already
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    trainer.train_step(collect=False)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    kib = {k: int(status[k].split()[0]) * 1024 for k in ("VmHWM", "RssFile", "RssShmem")}
+    hwm = kib["VmHWM"] - kib["RssFile"] - kib["RssShmem"] - before
+    print(json.dumps({"peak_bytes": max(sampler.stop() - before, hwm), "sampled": sampler.peak - before, "hwm": hwm}))
+
+
+def measure(spec: str, batch: int, mode: str, threads: int, env: dict) -> int:
+    out = subprocess.run([sys.executable, __file__, "--child", spec, "--batch", str(batch), "--mode", mode,
+                          "--threads", str(threads)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **env})
+    if out.returncode:
+        sys.exit(f"{spec} batch {batch} {mode}: the measuring process failed\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ledger", action="store_true", help="also the meta-device ledger (slow: seconds a case)")
+    parser.add_argument("--quick", action="store_true", help="tiny only")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    if args.child:
+        return child(args.child, args.batch, args.mode, args.precision)
+
+    import torch
+
+    from forge.model import build_model
+    from forge.spec.load import load_spec
+    from forge.train.memory_estimate import estimate, ledger_peaks, model_shapes
+
+    GB = 1e9
+    rows, results = [], []
+    for spec_path, batch in CASES[:2] if args.quick else CASES:
+        spec = load_spec(ROOT / spec_path, ["train.precision=fp32", "data.grad_accum=1"]).spec
+        shapes = model_shapes(spec, build_model(spec.model, spec.objective, device="meta"))
+        for mode in MODES:
+            predicted = estimate(spec, shapes, "cpu", "fp32", micro_batch=batch, grad_accum=1,
+                                 seq_len=spec.data.seq_len, mode=mode)
+            ledger = (ledger_peaks(spec, (batch,), spec.data.seq_len, mode)[0].peak
+                      if args.ledger else None)
+            live = measure(spec_path, batch, mode, args.threads, FIXED_MMAP)
+            default = measure(spec_path, batch, mode, args.threads, {})
+            record = {"spec": spec_path, "batch": batch, "seq_len": spec.data.seq_len, "mode": mode,
+                      "estimate_gb": predicted.total / GB, "estimate_parts_gb": {k: v / GB for k, v in predicted.bytes().items()},
+                      "ledger_gb": None if ledger is None else ledger / GB,
+                      "measured_fixed_mmap_gb": live / GB, "measured_default_gb": default / GB}
+            results.append(record)
+            rows.append([spec_path, f"{batch}x{spec.data.seq_len}", mode, f"{predicted.total / GB:.3f}",
+                         "-" if ledger is None else f"{ledger / GB:.3f}", f"{live / GB:.3f}",
+                         f"{predicted.total / live:.2f}", f"{default / GB:.3f}", f"{predicted.total / default:.2f}"])
+            print(rows[-1], flush=True)
+    print(table(["spec", "batch x seq", "checkpointing", "estimate (GB)", "ledger, tensors (GB)",
+                 "measured, fixed mmap (GB)", "estimate / measured", "measured, glibc default (GB)",
+                 "estimate / default"], rows))
+    write_result("memory_estimate" + ("_quick" if args.quick else ""),
+                 {"measure": "peak anonymous RSS minus its value before the model is built, two training steps, "
+                             "fp32, CPU",
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "results": results})
+
+
+if __name__ == "__main__":
+    main()

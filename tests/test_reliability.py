@@ -121,12 +121,25 @@ def test_inf_lr_never_reaches_weights_or_checkpoints_and_counters_agree(tmp_path
 
 def test_resume_from_a_chosen_step_sets_the_later_checkpoints_aside(run_cli, trained, tmp_path):
     run = copy_run(trained, tmp_path)
+    samples = run.path / "samples.jsonl"
+    with open(samples, "a") as f:            # records of the steps abandoned, and before: texts stay whole
+        f.writelines(json.dumps({"step": s, "source": "code", "prompt": "def", "text": f"x{s}"}) + "\n"
+                     for s in (2, 4))
+    for s in (1, 4):
+        run.append_warning({"step": s, "id": "C1-x", "title": f"warned at {s}", "measured": "0.1"})
+    run.append_warning({"id": "OBS-wandb", "title": "no step"})
     code, out, err = run_cli("train", "--resume", "r", "--from-step", "2", "--max-steps", "3", cwd=tmp_path)
     assert code == 0, err
     assert "resumed r from step-0000002" in out
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(run.checkpoints)] == [2, 3]
     (aside,) = (run.path / "abandoned").iterdir()
-    assert [p.name for p in aside.iterdir()] == ["step-0000004"]
+    assert sorted(p.name for p in aside.iterdir()) == ["step-0000004", "warnings.jsonl"]
+    assert [w["title"] for w in map(json.loads, (aside / "warnings.jsonl").read_text().splitlines())] == \
+        ["warned at 4"]                       # the abandoned steps' warnings: kept beside their checkpoints
+    assert [w["title"] for w in run.warnings()][:2] == ["warned at 1", "no step"]   # then step 3's, if any
+    assert {"step": 2, "source": "code", "prompt": "def", "text": "x2"} in \
+        list(map(json.loads, samples.read_text().splitlines()))
+    assert all(r["step"] <= 3 for r in map(json.loads, samples.read_text().splitlines()))
     assert max(r["step"] for r in map(json.loads, run.metrics_path.read_text().splitlines())) == 3
     code, _, err = run_cli("train", "--resume", "r", "--from-step", "7", cwd=tmp_path)
     assert code == 2 and "no checkpoint at step 7 (kept steps: 2, 3)" in err

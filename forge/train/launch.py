@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import os
 import sys
 import traceback
@@ -248,17 +249,25 @@ def train_in_slices(resolved: ResolvedSpec, run: RunDir, *, resume: bool, max_st
 
 def _rewind(run: RunDir, step: int, monitors, log=None) -> None:
     """Continue from `step` (a resume, a heal's rollback): later checkpoints set aside, the records after it
-    dropped (those steps run again; `log`, when open, reopens its file), the monitors fed what is left."""
+    dropped (those steps run again; `log`, when open, reopens its file), the monitors fed what is left. The
+    warnings after it go with the checkpoints set aside (they belong to the steps abandoned: kept as evidence,
+    not shown as this run's, and not doubled when the monitors fire again on the steps trained again)."""
     from forge.probes.suite import SAMPLES
     from forge.train.metrics_log import read_metrics, truncate_after
 
-    _set_aside_later_checkpoints(run, step)
+    aside = _set_aside_later_checkpoints(run, step)
     if log is not None:
         log.rewind(step)
     else:
         truncate_after(run.metrics_path, step)
     if (run.path / SAMPLES).is_file():
         truncate_after(run.path / SAMPLES, step)
+    warnings = run.path / "warnings.jsonl"
+    dropped = truncate_after(warnings, step) if warnings.is_file() else []
+    if dropped:
+        aside = aside or _abandoned_dir(run, step)
+        with open(aside / "warnings.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(w) + "\n" for w in dropped)
     for record in read_metrics(run.metrics_path):
         monitors.observe(record)
 
@@ -338,15 +347,23 @@ def _no_resume(run: RunDir, kept: str, skipped: list[str]):
     raise ForgeError(f"run {run.run_id} has no checkpoint to resume from that loads (kept steps: {kept}){lines}")
 
 
-def _set_aside_later_checkpoints(run: RunDir, step: int) -> None:
+def _set_aside_later_checkpoints(run: RunDir, step: int) -> Path | None:
     """The checkpoints after the one resumed from (those a resume skipped, or the continuation abandoned by
-    --from-step) move to <run>/abandoned/: kept, and out of the way of the steps about to be trained again."""
+    --from-step) move to <run>/abandoned/: kept, and out of the way of the steps about to be trained again.
+    Returns the folder they went to (None: there were none)."""
     later = [p for p in ckpt.list_checkpoints(run.checkpoints, lambda _: None) if ckpt.step_of(p) > step]
-    if later:
-        target = run.path / "abandoned" / f"after-step-{step}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        target.mkdir(parents=True)
-        for path in later:
-            path.rename(target / path.name)
+    if not later:
+        return None
+    target = _abandoned_dir(run, step)
+    for path in later:
+        path.rename(target / path.name)
+    return target
+
+
+def _abandoned_dir(run: RunDir, step: int) -> Path:
+    target = run.path / "abandoned" / f"after-step-{step}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _environment_error(err: OSError | MemoryError, run: RunDir) -> str:

@@ -25,12 +25,20 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return read_metric_stream(path).records
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Drop records after `step` (a resumed run replays them from its checkpoint)."""
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+def truncate_after(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop the records after `step` (a resumed or healed run trains those steps again) and return them. Every
+    field of a kept record stays (samples.jsonl's texts, warnings.jsonl's titles: not only the numbers); a
+    record without an integer step (a mirror's warning) is kept."""
+    from forge.metrics.jsonl import read_objects
+
+    kept, dropped = [], []
+    for record in read_objects(path).records:
+        later = isinstance(record.get("step"), int) and record["step"] > step
+        (dropped if later else kept).append(record)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
+    return dropped
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -40,7 +40,10 @@ def check(spec: Path = typer.Argument(..., help="Spec TOML file."),
                                                     "[default: the spec's train.device here]."),
           memory_gb: Optional[float] = typer.Option(None, "--memory-gb", min=0.01, metavar="G",
                                                     help="Memory budget of that device in GB [default: its "
-                                                         "memory: total RAM, or the GPU's total memory].")) -> None:
+                                                         "memory: total RAM, or the GPU's total memory]."),
+          only: Optional[str] = typer.Option(None, "--only", metavar="ID[,ID...]",
+                                             help="Run only these checklist items (e.g. B1-param-budget); "
+                                                  "the verdict then covers just them.")) -> None:
     """Validate SPEC, then run its before-first-run checklist (exit 1 if a critical item fails)."""
     from forge.checklist.runner import run_checklist
     from forge.spec.budget import check_memory_budget
@@ -50,7 +53,8 @@ def check(spec: Path = typer.Argument(..., help="Spec TOML file."),
         raise typer.BadParameter(f"--device must be cpu or cuda (got {device!r})", param_hint="--device")
     resolved = load_spec(spec, overrides or [])
     check_memory_budget(resolved.spec)    # before the checklist allocates the model
-    result = run_checklist(resolved, data_dir=data_dir, device=device, memory_gb=memory_gb)
+    ids = [i.strip() for i in only.split(",") if i.strip()] if only is not None else None
+    result = run_checklist(resolved, data_dir=data_dir, device=device, memory_gb=memory_gb, only=ids)
     if as_json:
         ui.print_json({"spec": str(spec), "spec_hash": resolved.hash, **result.to_json()})
     else:

@@ -29,6 +29,11 @@ def repo() -> Path:
 
 @pytest.fixture
 def data_dir() -> Path:
+    return require_data_dir()
+
+
+def require_data_dir() -> Path:
+    """The real data samples for a test that needs them: skipped without them, failed under CI."""
     found = shared_data_dir()
     if found is None:
         why = "real data samples not found: set FORGE_DATA_DIR or put shared/ beside the repository"

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, SPECS
+from conftest import REPO, SPECS, require_data_dir
+from forge import ui
 from forge.checklist.items import checklist_dir, load_checklist
 from forge.checklist.registry import CHECKS, PENDING, known_checks
 from forge.checklist.runner import run_checklist
@@ -43,9 +44,16 @@ def test_tiny_checklist_extends_phase1():
     assert tiny["D1-grokfast"] == phase1["D1-grokfast"]        # untouched
 
 
+@pytest.fixture(scope="module")
+def local_result():
+    """specs/local.toml's whole checklist (phase1 size: its real step is the slowest item), run once here."""
+    return run_checklist(load_spec(SPECS / "local.toml"), data_dir=require_data_dir())
+
+
 @pytest.mark.parametrize("spec", ["local.toml", "tiny.toml", "tiny_local.toml"])
-def test_shipped_specs_pass_their_own_checklist(spec, data_dir):
-    result = run_checklist(load_spec(SPECS / spec), data_dir=data_dir)
+def test_shipped_specs_pass_their_own_checklist(spec, data_dir, request):
+    result = (request.getfixturevalue("local_result") if spec == "local.toml"
+              else run_checklist(load_spec(SPECS / spec), data_dir=data_dir))
     assert result.ok, [(r.id, r.measured, r.detail) for r in result.critical_failures]
     for r in result.items:
         if r.status == "skip":
@@ -121,12 +129,20 @@ def test_bad_checklist_is_located(tmp_path, monkeypatch, run_cli, body, fragment
 
 def test_hub_spec_without_network_fails_the_data_item_with_a_fix(run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
-    code, out, _ = run_cli("check", str(SPECS / "phase1.toml"), "--json")
+    code, out, _ = run_cli("check", str(SPECS / "phase1.toml"), "--json", "--only", "A2-datasets,B1-param-budget")
     report = json.loads(out)
-    a2 = next(i for i in report["items"] if i["id"] == "A2-datasets")
-    assert code == 1 and a2["status"] == "fail" and "forge data pull" in a2["detail"]
-    b1 = next(i for i in report["items"] if i["id"] == "B1-param-budget")
-    assert b1["status"] == "pass"  # everything that does not need the data still runs
+    items = {i["id"]: i for i in report["items"]}
+    assert code == 1 and set(items) == {"A2-datasets", "B1-param-budget"}
+    assert items["A2-datasets"]["status"] == "fail" and "forge data pull" in items["A2-datasets"]["detail"]
+    assert items["B1-param-budget"]["status"] == "pass"  # what does not need the data still runs
+
+
+def test_only_runs_the_named_items_and_names_the_known_ones(run_cli):
+    code, out, _ = run_cli("check", str(SPECS / "tiny.toml"), "--json", "--only", "B1-param-budget,D2-muon")
+    order = [i.id for i in load_checklist("tiny").items if i.id in ("B1-param-budget", "D2-muon")]
+    assert code == 0 and [i["id"] for i in json.loads(out)["items"]] == order   # the checklist's order
+    code, _, err = run_cli("check", str(SPECS / "tiny.toml"), "--only", "B1-nope")
+    assert code == 2 and "no item B1-nope" in err and "B1-param-budget" in err
 
 
 def test_data_pull_without_network_is_a_clean_error(run_cli, tmp_path, monkeypatch):
@@ -152,9 +168,9 @@ def test_forge_check_exit_codes_and_json(run_cli):
     assert [i["id"] for i in report["items"] if i["status"] == "fail"] == ["D2-muon"]
 
 
-def test_forge_check_table_lists_every_item(run_cli, data_dir):
-    code, out, _ = run_cli("check", str(SPECS / "local.toml"), "--data-dir", str(data_dir))
-    assert code == 0
+def test_forge_check_table_lists_every_item(local_result, capsys):
+    ui.render_checklist(local_result, "specs/local.toml", load_spec(SPECS / "local.toml").hash)
+    out = capsys.readouterr().out
     for item in load_checklist("phase1").items:
         assert item.id in out
     assert "ready" in out

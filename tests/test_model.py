@@ -344,7 +344,7 @@ def test_tiny_spec_stays_small_and_budget_checks_report_the_table():
     tiny = load_spec(SPECS / "tiny.toml").spec
     assert count_parameters(build_model(tiny.model, tiny.objective, device="meta"))["total"] < 1_000_000
     for name in ("phase1.toml", "tiny.toml"):
-        item = next(r for r in run_checklist(load_spec(SPECS / name)).items if r.id == "B1-param-budget")
+        (item,) = run_checklist(load_spec(SPECS / name), only=["B1-param-budget"]).items
         assert item.status == "pass", item.detail
         assert item.data["total"] == int(item.measured.split()[0].replace(",", ""))
         assert "backbone_attention" in item.detail and set(item.data) >= {"embedding", "memory", "gate", "trm"}
@@ -352,7 +352,7 @@ def test_tiny_spec_stays_small_and_budget_checks_report_the_table():
 
 def test_budget_check_fails_when_the_model_outgrows_it():
     resolved = load_spec(SPECS / "phase1.toml", ["model.ffn_hidden=1024"])
-    item = next(r for r in run_checklist(resolved).items if r.id == "B1-param-budget")
+    (item,) = run_checklist(resolved, only=["B1-param-budget"]).items
     assert item.status == "fail" and "over target" in item.detail
 
 

@@ -8,11 +8,13 @@ Cases: tiny (batch 8, 16) and phase1 (batch 4, 8, seq 512), each with gradient c
   - ledger (--ledger): the real training step on the meta device with every storage booked (live tensor bytes of
     the step from the model's and optimizer's own code; no runtime term);
   - measured: one fresh process per case builds the trainer as `forge train` does (bench_train_step.build_trainer)
-    and runs two training steps (the optimizer state and its kept copy exist from the first); the peak of its
-    anonymous resident memory (heap and mapped tensors: /proc/self/statm, resident - shared, sampled every
-    millisecond, and the second step's through the kernel's VmHWM) over the steps minus its value before the model
-    is built (torch, forge and torch._dynamo imported: building a
-    model imports it first). Measured twice:
+    and runs three training steps (the optimizer's state and its kept copy of weights and state are complete only
+    after the second step's optimizer call, so the third is the first whose forward and backward run beside them,
+    as every later step's do); the peak of its anonymous resident memory (heap and mapped tensors:
+    /proc/self/statm, resident - shared, sampled every millisecond, and the third step's through the kernel's
+    VmHWM) over the steps minus its value before the model is built (torch, forge and torch._dynamo imported:
+    building a model imports it first); undecidable where a step was skipped as non-finite (no optimizer state
+    then). Measured twice:
     with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_=131072: a freed tensor goes back to the
     OS, so the RSS follows the live tensors: the quantity the estimate predicts), and with glibc's default
     (its threshold rises with every freed block up to 32 MiB, so freed activations of a small batch stay
@@ -71,26 +73,40 @@ def child(spec: str, batch: int, mode: str, precision: str = "fp32") -> None:
     sampler = PeakSampler()
     trainer = build_trainer(spec, [f"data.batch_size={batch}", "data.grad_accum=1", f"train.precision={precision}",
                                    f"train.gradient_checkpointing={mode}"])
-    trainer.train_step(collect=False)
-    # the second step again through the kernel's own high-water mark (exact, where a starved sampler can miss a
-    # short peak): VmHWM reset to the current RSS (clear_refs 5), less the file-backed pages, which the first step
-    # has touched already
+    # the first two steps build the optimizer's state: the first its moments and a kept copy of the weights, the
+    # second the kept copy of weights and state (forge.optim.optimizer._KeptCopy), in its optimizer call, after
+    # its forward and backward. Only from the third step on does a forward and backward run beside all of it,
+    # as in every later step of a run: the third is the one measured.
+    for _ in range(2):
+        trainer.train_step(collect=False)
+    # the third step through the kernel's own high-water mark (exact, where a starved sampler can miss a short
+    # peak): VmHWM reset to the current RSS (clear_refs 5), less the file-backed pages, which the first steps
+    # have touched already
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     trainer.train_step(collect=False)
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     kib = {k: int(status[k].split()[0]) * 1024 for k in ("VmHWM", "RssFile", "RssShmem")}
     hwm = kib["VmHWM"] - kib["RssFile"] - kib["RssShmem"] - before
-    print(json.dumps({"peak_bytes": max(sampler.stop() - before, hwm), "sampled": sampler.peak - before, "hwm": hwm}))
+    # a skipped (non-finite) step creates no optimizer state: the steps measured would not be a training step's
+    print(json.dumps({"peak_bytes": max(sampler.stop() - before, hwm), "sampled": sampler.peak - before, "hwm": hwm,
+                      "skipped_steps": trainer.counters.nonfinite_total}))
 
 
-def measure(spec: str, batch: int, mode: str, threads: int, env: dict) -> int:
+def measure(spec: str, batch: int, mode: str, threads: int, env: dict) -> int | None:
+    """The measured peak (bytes); None when a step was skipped as non-finite (then no optimizer state exists and
+    the process holds less than a training step does: undecidable, not a measurement)."""
     out = subprocess.run([sys.executable, __file__, "--child", spec, "--batch", str(batch), "--mode", mode,
                           "--threads", str(threads)], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, **env})
     if out.returncode:
         sys.exit(f"{spec} batch {batch} {mode}: the measuring process failed\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    if record["skipped_steps"]:
+        print(f"{spec} batch {batch} {mode}: {record['skipped_steps']} of 3 steps skipped (non-finite): undecidable",
+              flush=True)
+        return None
+    return record["peak_bytes"]
 
 
 def main() -> None:
@@ -128,18 +144,26 @@ def main() -> None:
             record = {"spec": spec_path, "batch": batch, "seq_len": spec.data.seq_len, "mode": mode,
                       "estimate_gb": predicted.total / GB, "estimate_parts_gb": {k: v / GB for k, v in predicted.bytes().items()},
                       "ledger_gb": None if ledger is None else ledger / GB,
-                      "measured_fixed_mmap_gb": live / GB, "measured_default_gb": default / GB}
+                      "measured_fixed_mmap_gb": None if live is None else live / GB,
+                      "measured_default_gb": None if default is None else default / GB}
             results.append(record)
+
+            def gb(x):
+                return "undecidable (non-finite step)" if x is None else f"{x / GB:.3f}"
+
+            def ratio(x):
+                return "-" if x is None else f"{predicted.total / x:.2f}"
+
             rows.append([spec_path, f"{batch}x{spec.data.seq_len}", mode, f"{predicted.total / GB:.3f}",
-                         "-" if ledger is None else f"{ledger / GB:.3f}", f"{live / GB:.3f}",
-                         f"{predicted.total / live:.2f}", f"{default / GB:.3f}", f"{predicted.total / default:.2f}"])
+                         "-" if ledger is None else f"{ledger / GB:.3f}", gb(live), ratio(live), gb(default),
+                         ratio(default)])
             print(rows[-1], flush=True)
     print(table(["spec", "batch x seq", "checkpointing", "estimate (GB)", "ledger, tensors (GB)",
                  "measured, fixed mmap (GB)", "estimate / measured", "measured, glibc default (GB)",
                  "estimate / default"], rows))
     write_result("memory_estimate" + ("_quick" if args.quick else ""),
-                 {"measure": "peak anonymous RSS minus its value before the model is built, two training steps, "
-                             "fp32, CPU",
+                 {"measure": "peak anonymous RSS minus its value before the model is built, three training "
+                             "steps (the third through VmHWM), fp32, CPU",
                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "results": results})
 
 

@@ -93,6 +93,83 @@ def child(spec: str, batch: int, mode: str, precision: str = "fp32") -> None:
                       "skipped_steps": trainer.counters.nonfinite_total}))
 
 
+def resident_bytes(address: int, size: int) -> int:
+    """Bytes of the pages spanning [address, address + size) that are resident (mincore): pages a tensor's
+    kernel never wrote are mapped but not resident."""
+    import ctypes
+
+    page = resource.getpagesize()
+    start = address & ~(page - 1)
+    pages = (address + size - start + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if libc.mincore(start, pages * page, vec):
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(v & 1 for v in vec) * page
+
+
+def residency(spec: str, batch: int, mode: str) -> None:
+    """--residency: after two steps, the third step's storages booked as the ledger books them, on the CPU's own
+    kernels; at its peak, the anonymous RSS growth over the step's start against the booked bytes, and how many
+    of the booked bytes (storages of 1 MiB or more, each its own mapping under the fixed mmap threshold) are
+    resident."""
+    import gc
+    import warnings
+
+    import torch
+
+    from bench_train_step import build_trainer
+    from forge.train.memory_estimate import Ledger
+    from forge.train.objective import training_loss
+
+    class Booked(Ledger):
+        def __init__(self):
+            super().__init__(fake_host_reads=False)
+            self.address: dict[int, int] = {}
+            self.at_peak: dict = {}
+
+        def hold(self, tensor):
+            self.address[tensor.untyped_storage()._cdata] = tensor.untyped_storage().data_ptr()
+            super().hold(tensor)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            # a snapshot at each new peak 2% above the last (mincore over every big storage is not free)
+            if self.peak == self.current and self.current > 1.02 * self.at_peak.get("booked", 0) + 1e6:
+                big = [(self.address[k], n) for k, n in self.live.items() if n >= 1 << 20 and k not in before]
+                self.at_peak = {"booked": self.current, "op": str(func), "rss_growth": anonymous_bytes() - start,
+                                "booked_big": sum(n for _, n in big),
+                                "resident_big": sum(resident_bytes(a, n) for a, n in big)}
+            return out
+
+    trainer = build_trainer(spec, [f"data.batch_size={batch}", "data.grad_accum=1", "train.precision=fp32",
+                                   f"train.gradient_checkpointing={mode}"])
+    for _ in range(2):
+        trainer.train_step(collect=False)
+    model, optimizer = trainer.parts.model, trainer.parts.optimizer
+    (idx, targets), = trainer.parts.loader.micro_batches(2)
+    ledger = Booked()
+    with warnings.catch_warnings():          # gc sees deprecated torch module attributes
+        warnings.simplefilter("ignore")
+        found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for t in found:                          # what the step finds (weights, optimizer state): not booked
+        ledger.hold(t)
+    del found
+    before, held = set(ledger.live), ledger.current
+    ledger.current = ledger.peak = 0
+    start = anonymous_bytes()
+    with ledger:
+        out = model(idx, targets, act_loss_weight=trainer.act_loss_weight(2))
+        training_loss(model, out, trainer.act_loss_weight(2), trainer.batch).backward()
+        del out
+        optimizer.step()
+        trainer.parts.qk_clip.after_step(True)
+        optimizer.zero_grad(set_to_none=True)
+    print(json.dumps({"held_before_gb": held / 1e9, "step_peak_gb": ledger.peak / 1e9,
+                      **{k: v / 1e9 if isinstance(v, int) else v for k, v in ledger.at_peak.items()}}))
+
+
 def measure(spec: str, batch: int, mode: str, threads: int, env: dict) -> int | None:
     """The measured peak (bytes); None when a step was skipped as non-finite (then no optimizer state exists and
     the process holds less than a training step does: undecidable, not a measurement)."""
@@ -114,6 +191,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ledger", action="store_true", help="also the meta-device ledger (slow: seconds a case)")
     parser.add_argument("--quick", action="store_true", help="tiny only")
+    parser.add_argument("--residency", nargs=3, metavar=("SPEC", "BATCH", "MODE"),
+                        help="the third step's booked storages against the RSS and their resident pages (one case)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -122,6 +201,8 @@ def main() -> None:
     setup_threads(args.threads)
     if args.child:
         return child(args.child, args.batch, args.mode, args.precision)
+    if args.residency:
+        return residency(args.residency[0], int(args.residency[1]), args.residency[2])
 
     import torch
 

@@ -43,6 +43,7 @@ so the prefill gives what the frozen model gives, without the saving.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +75,9 @@ class _BlockWeights:
 @dataclass
 class _StepViews:
     """Per decoding step, shared by its attention calls (IncrementalDecoder._step_views)."""
-    rope_q: torch.Tensor              # (1, n, hd / 2) complex: q's rotations at the new positions
-    rope_kv: torch.Tensor             # (2, 1, n, hd / 2) complex: k's, and 1 for v
+    rope: torch.Tensor                # (3, 1, n, hd / 2) complex: q's and k's rotations at the new positions, 1 for v
+    rotated: torch.Tensor             # (B, 3, H, n, hd / 2) complex: a call's rotated q, k, v (reused by every call)
+    q: torch.Tensor                   # (B, H, n, hd): the rotated q, a real view of `rotated`
     writes: tuple[torch.Tensor, ...]  # per call: (B, 2, H, n, hd / 2) complex views of the cache at the new positions
     keys: tuple[torch.Tensor, ...]    # per call: (B, H, L, hd), the positions attended to
     values: tuple[torch.Tensor, ...]
@@ -124,6 +126,46 @@ def _memory_weights(memory) -> _MemoryWeights:
                           _d_eps(memory.norm, weight))
 
 
+@dataclass
+class _ModelWeights:
+    """Every weight the decoder reads, laid out once per model state (_decode_weights)."""
+    blocks: dict[int, _BlockWeights]      # by id() of each Block (backbone and refiner)
+    head_t: torch.Tensor                  # the tied LM head, (d, V), head_norm's gain folded
+    head_d_eps: torch.Tensor
+    refiner_gain: torch.Tensor | None     # the refiner's closing RMSNorm: its gain times sqrt(d), and d eps
+    refiner_d_eps: torch.Tensor | None
+    halt_thresh: torch.Tensor | None
+    gate: _GateWeights | None
+    memory: _MemoryWeights | None
+
+
+# model -> (its parameters' identity and versions, _ModelWeights): a sample during training or a run of samples
+# lays out the weights once per model state, not per call (a few ms each: ~0.1 ms per token of a 64-token sample)
+_LAID_OUT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _decode_weights(model) -> _ModelWeights:
+    """The model's weights laid out for decoding, recomputed whenever a parameter changed (an optimizer step or a
+    load bumps its version; a move to another device or dtype changes its storage)."""
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+    cached = _LAID_OUT.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        head_t = _fold(model.head_norm.weight, model.tok_emb.weight)
+        refiner = model.trm.net.norm if model.trm is not None else None
+        memory = model.spec.memory.enabled
+        weights = _ModelWeights(
+            {id(b): _block_weights(b) for b in model.modules() if isinstance(b, Block)}, head_t,
+            _d_eps(model.head_norm, head_t),
+            None if refiner is None else refiner.weight * refiner.weight.shape[0] ** 0.5,
+            None if refiner is None else _d_eps(refiner, head_t),
+            None if refiner is None else head_t.new_tensor(model.spec.act.halt_thresh),
+            _gate_weights(model.gate) if memory else None, _memory_weights(model.memory) if memory else None)
+    _LAID_OUT[model] = key, weights
+    return weights
+
+
 def _pair_order(n_heads: int, head_dim: int, device) -> torch.Tensor:
     """Row order that puts RoPE's pairs (i, i + head_dim/2) of every head side by side."""
     half = head_dim // 2
@@ -170,23 +212,15 @@ class IncrementalDecoder:
         # a single new query needs no mask when its keys are a contiguous slice: full, or a plain sliding window
         self._slice_window = {"full": None, "sliding_window": pattern.window}.get(pattern.kind, -1)
         self._heads, self._head_dim = model.blocks[0].attn.n_heads, model.blocks[0].attn.head_dim
-        with torch.no_grad():
-            self._weights = {id(b): _block_weights(b) for b in model.modules() if isinstance(b, Block)}
-            self._head_t = _fold(model.head_norm.weight, model.tok_emb.weight)   # the tied LM head, (d, V)
-            self._head_d_eps = _d_eps(model.head_norm, self._head_t)
-            if model.trm is not None:   # the refiner's closing RMSNorm: its gain times sqrt(d), and d eps
-                norm = model.trm.net.norm
-                self._refiner_gain = norm.weight * norm.weight.shape[0] ** 0.5
-                self._refiner_d_eps = _d_eps(norm, self._head_t)
-                self._halt_thresh = self._head_t.new_tensor(model.spec.act.halt_thresh)
+        self._w = _decode_weights(model)
         trm = model.trm
         # attention calls: one per backbone block, one per refiner block and application
         self._per_step = 0 if trm is None else (trm.micro_steps + 1) * len(trm.net.blocks)
         self._n_calls = len(model.blocks) + (0 if trm is None else trm.t_max * self._per_step)
         self._frozen: torch.Tensor | None = None    # (B, n): new tokens halted at an earlier step (skip_halted)
         self._capacity = 0
-        # RoPE's rotations of q, k and 1 for v, (3, 1, capacity, head_dim / 2) complex: k and v rotate as one
-        # complex product written straight into the cache, exact for v ((a + bi)(1 + 0i) = a + bi in floating point)
+        # RoPE's rotations of q, k and 1 for v, (3, 1, capacity, head_dim / 2) complex: q, k and v rotate as one
+        # complex product, exact for v ((a + bi)(1 + 0i) = a + bi in floating point)
         self._rope: torch.Tensor | None = None
         # K and V of every attention call in one tensor (calls, B, 2, H, capacity, head_dim), so that a step slices
         # the positions of all calls at once; self._kv[call] is one call's (B, 2, H, capacity, head_dim)
@@ -198,9 +232,6 @@ class IncrementalDecoder:
         self._memory = None
         if model.spec.memory.enabled:
             self._memory = model.memory.init_state(batch_size)
-            with torch.no_grad():
-                self._gate_weights = _gate_weights(model.gate)
-                self._memory_weights = _memory_weights(model.memory)
 
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
@@ -214,7 +245,7 @@ class IncrementalDecoder:
         grown = self._kv_all.new_empty((*self._kv_all.shape[:4], capacity, self._head_dim))
         grown[:, :, :, :, :self.length] = self._kv_all[:, :, :, :, :self.length]
         self._kv_all, self._kv = grown, list(grown.unbind(0))
-        # the same cache as (calls, B, 2, H, capacity, head_dim / 2) complex: the rotated k and v are written into it
+        # the same cache as (calls, B, 2, H, capacity, head_dim / 2) complex: the rotated k and v are copied into it
         self._kv_complex = torch.view_as_complex(grown.unflatten(-1, (-1, 2)))
         self._capacity = capacity
 
@@ -290,15 +321,16 @@ class IncrementalDecoder:
             mask = None
         else:
             lo, mask = 0, self._pattern.mask(end, device, start=start)
-        rope = self._rope[:, :, start:end]                # (3, 1, n, hd/2), broadcast over batch and heads
+        rotated = self._kv_complex.new_empty((self.batch_size, 3, self._heads, end - start, self._head_dim // 2))
         window = self._kv_all[:, :, :, :, lo:end]         # every call at once: a few views per step, not per call
-        return _StepViews(rope[0], rope[1:], self._kv_complex[:, :, :, :, start:end].unbind(0),
-                          window[:, :, 0].unbind(0), window[:, :, 1].unbind(0), mask)
+        return _StepViews(self._rope[:, :, start:end], rotated, torch.view_as_real(rotated[:, 0]).flatten(-2),
+                          self._kv_complex[:, :, :, :, start:end].unbind(0), window[:, :, 0].unbind(0),
+                          window[:, :, 1].unbind(0), mask)
 
     def _gate(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """model.gate's blended output (without its entropy): m' + g (y' - m'), y' and m' the RMS-normalised
         paths, g = sigmoid(down(silu(up([y'; m'])))) with up split into its y and m columns."""
-        w = self._gate_weights
+        w = self._w.gate
         shape = y.shape
         y, m = y.reshape(-1, shape[-1]), m.reshape(-1, shape[-1])
         y = y * _inv_rms(y, w.d_eps) * w.gain_y
@@ -316,7 +348,7 @@ class IncrementalDecoder:
         K, d_mem = memory.spec.conv_kernel, memory.d_mem
         if n > 1 or state.pending_len + 1 >= memory.chunk_size or (K and state.conv_tail is None):
             return memory.step(state, h)
-        w = self._memory_weights
+        w = self._w.memory
         u = h.view(B, d)
         proj = torch.mm(u, w.proj_t).mul_(_inv_rms(u, w.d_eps))
         qkv, logits = proj[:, None, :3 * d_mem], proj[:, None, 3 * d_mem:].add_(w.bias)     # (B, 1, .)
@@ -335,11 +367,11 @@ class IncrementalDecoder:
     def _halts(self, z: torch.Tensor) -> torch.Tensor:
         """(B, n, d) states the head reads -> (B * n,) halting decisions: sigmoid(act(z)) > act.halt_thresh."""
         act = self.model.trm.act
-        return torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > self._halt_thresh
+        return torch.sigmoid(torch.addmv(act.bias, z.reshape(-1, z.shape[-1]), act.weight)) > self._w.halt_thresh
 
     def _lm_head(self, y: torch.Tensor) -> torch.Tensor:
         """model.lm_head of rows y (N, d), with the transposed weight."""
-        return torch.mm(y, self._head_t).mul_(_inv_rms(y, self._head_d_eps))
+        return torch.mm(y, self._w.head_t).mul_(_inv_rms(y, self._w.head_d_eps))
 
     def _freeze_later_steps(self, t: int, start: int, end: int) -> None:
         """Every new token halted by outer step t: the caches of the later steps' attention calls get, at the
@@ -366,27 +398,25 @@ class IncrementalDecoder:
         net = self.model.trm.net
         for block in net.blocks:
             u = self._block(block, u)
-        return u.mul_(_inv_rms(u.view(-1, u.shape[-1]), self._refiner_d_eps).view(*u.shape[:-1], 1)).mul_(
-            self._refiner_gain)
+        return u.mul_(_inv_rms(u.view(-1, u.shape[-1]), self._w.refiner_d_eps).view(*u.shape[:-1], 1)).mul_(
+            self._w.refiner_gain)
 
     def _block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         """x (B, n, d) -> the block's output at the new positions; writes its K, V into this call's cache."""
-        w, views = self._weights[id(block)], self._views
+        w, views = self._w.blocks[id(block)], self._views
         B, n, d = x.shape
         H, hd = self._heads, self._head_dim
         x = x.view(B * n, d)
         qkv = torch.mm(x, w.qkv_t).mul_(_inv_rms(x, w.d_eps))
         # (B, 3, H, n, hd / 2) complex: a view for one token, a strided view of the (B, n, 3, H, hd) layout else
         qkv = qkv.view(B, 3, H, 1, hd // 2, 2) if n == 1 else qkv.view(B, n, 3, H, hd // 2, 2).permute(0, 2, 3, 1, 4, 5)
-        qkv = torch.view_as_complex(qkv)
+        torch.mul(torch.view_as_complex(qkv), views.rope, out=views.rotated)      # q, k rotated (pair order), v
         slot, self._slot = self._slot, self._slot + 1
-        if self._frozen is None:               # k rotated (pair order) and v, written into the cache
-            torch.mul(qkv[:, 1:], views.rope_kv, out=views.writes[slot])
-        else:                                  # skip_halted: halted tokens keep the keys of the previous step's call
-            views.writes[slot].copy_(torch.where(self._frozen.view(B, 1, 1, n, 1), views.writes[slot - self._per_step],
-                                                 qkv[:, 1:] * views.rope_kv))
-        q = torch.view_as_real(qkv[:, 0] * views.rope_q).flatten(-2)                             # (B, H, n, hd)
-        att = F.scaled_dot_product_attention(q, views.keys[slot], views.values[slot], attn_mask=views.mask)
+        new = views.rotated[:, 1:]
+        if self._frozen is not None:           # skip_halted: halted tokens keep the keys of the previous step's call
+            new = torch.where(self._frozen.view(B, 1, 1, n, 1), views.writes[slot - self._per_step], new)
+        views.writes[slot].copy_(new)
+        att = F.scaled_dot_product_attention(views.q, views.keys[slot], views.values[slot], attn_mask=views.mask)
         att = att.view(B, d) if n == 1 else att.transpose(1, 2).reshape(B * n, d)
         x = torch.addmm(x, att, w.o_t)                                                          # x + o_proj(att)
         gate, up = torch.mm(x, w.gate_up_t).mul_(_inv_rms(x, w.d_eps)).chunk(2, dim=-1)

@@ -47,6 +47,28 @@ def module_at(rev: str, path: str, name: str, replace: dict[str, str] | None = N
     return module
 
 
+# b634b67's decoder predates the memory variants and act.head_input: as written it imports memory_update (gone)
+# and runs the linear memory on the token embeddings and the halting head on z. These rewrites make it run
+# today's model (specs/tiny.toml: the MLP memory after block 1, the halting head on the answer y) with its own
+# structure otherwise unchanged: the memory path through NeuralMemory.init_state/step (what today's decoder
+# calls), the halting head on act.head_input's state, TRM.initial_states. Strings absent from a revision (a
+# later decoder) are left alone.
+BEFORE_ON_TODAYS_MODEL = {
+    "from forge.model.memory import memory_update\n": "",
+    "        self._memory: _MemoryState | None = None\n        if model.spec.memory.enabled:":
+        "        self._memory = model.memory.init_state(batch_size) if model.spec.memory.enabled else None\n"
+        "        if False:",
+    "        h0 = model.tok_emb(idx)\n        y = h0\n        for block in model.blocks:\n"
+    "            y = self._block(block, y, rope, mask)\n":
+        "        y = h0 = model.tok_emb(idx)\n        for i, block in enumerate(model.blocks, 1):\n"
+        "            y = self._block(block, y, rope, mask)\n"
+        "            h0 = y if i == model.spec.memory.input_layer else h0\n",
+    "model.gate(y, self._read_and_write_memory(h0, start))[0]": "model.gate(y, model.memory.step(self._memory, h0))[0]",
+    "model.trm.act(z_t)": "model.trm.act(y_t if model.spec.act.head_input == \"answer\" else z_t)",
+    "y, z = x, torch.zeros_like(x)": "y, z = trm.initial_states(x)",
+}
+
+
 def tiny_model(seed: int):
     spec = load_spec(ROOT / "specs" / "tiny.toml").spec
     torch.manual_seed(seed)
@@ -70,7 +92,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.tokens = 1, 16
     setup_threads(args.threads)
-    old_decode = module_at(args.before, "forge/model/decode.py", "decode_before")
+    old_decode = module_at(args.before, "forge/model/decode.py", "decode_before", BEFORE_ON_TODAYS_MODEL)
     old = module_at(args.before, "forge/probes/sampling.py", "sampling_before",
                     {"from forge.model.decode import": "from decode_before import"})
     spec, model = tiny_model(spec_seed := 0)

@@ -206,16 +206,20 @@ def test_metric_families_expect_only_the_parts_the_spec_has(ablation, off):
 
 
 def test_the_real_step_catches_a_memory_that_diverges_over_chunks():
-    """OBS-metric-families runs 8 memory chunks: the MLP memory at phase1 width (d_mem 256) grows chunk by chunk
-    to inf (found by a forge compare run whose steps were all non-finite while the checklist passed, when the
-    step ran 2 chunks); phase1's linear memory at the same width stays finite and passes."""
+    """OBS-metric-families runs 8 memory chunks: the MLP memory at phase1 width (d_mem 256) without its bounded
+    update (max_grad_norm = 0, the paper's update) grows chunk by chunk to inf (found by a forge compare run whose
+    steps were all non-finite while the checklist passed, when the step ran 2 chunks); phase1's linear memory at
+    the same width stays finite and passes, and so does the MLP memory with the bound (the spec default)."""
     from forge.checklist.checks.observability import metric_families
     from forge.checklist.context import CheckContext
 
     item = next(i for i in load_checklist("phase1").items if i.id == "OBS-metric-families")
     mlp = ["model.memory.variant=mlp", "model.memory.gates=data_dependent", "model.memory.conv_kernel=4",
            "model.memory.qkv_activation=silu", "model.memory.input_layer=4"]
-    diverging = metric_families(CheckContext(load_spec(SPECS / "phase1.toml", mlp)), **item.params)
+    unbounded = mlp + ["model.memory.max_grad_norm=0"]
+    diverging = metric_families(CheckContext(load_spec(SPECS / "phase1.toml", unbounded)), **item.params)
     assert diverging.status == "fail" and "memory/update_norm" in diverging.detail, diverging
     stable = metric_families(CheckContext(load_spec(SPECS / "phase1.toml")), **item.params)
     assert stable.status == "pass", stable
+    bounded = metric_families(CheckContext(load_spec(SPECS / "phase1.toml", mlp)), **item.params)
+    assert bounded.status == "pass", bounded

@@ -342,3 +342,119 @@ def test_analytic_flops_of_the_mlp_memory_match_torch_counter():
         counted = counted_flops_per_token(model, T, 1, spec.model.vocab_size, track_max_logit=False)
         assert counted == pytest.approx(analytic["total"] - analytic["attention"], rel=1e-3)
         assert analytic["memory"] > 1.5 * model_flops_per_token(linear.model, T)["memory"]
+
+
+# ------------------------------------------------------------------------------------------ bounded inner update
+def test_the_clip_scales_the_chunk_gradient_to_max_grad_norm_and_leaves_smaller_ones_alone():
+    """With max_grad_norm G the gradient term of S_c is min(1, G / ||grad||) * grad per sequence (grad: autograd of
+    the associative loss over all weights of M): exactly G where the gradient was larger, unchanged where not."""
+    C, dims = 5, [6, 12, 6]
+    weights, surprise = mlp_weights(B, dims, 0), mlp_weights(B, dims, 1)
+    g = torch.Generator().manual_seed(2)
+    k = torch.nn.functional.normalize(torch.randn(B, C, 6, generator=g), dim=-1)
+    v, theta = torch.randn(B, C, 6, generator=g), torch.rand(B, C, 1, generator=g)
+    theta[1] *= 0.1                                                # sequence 1: a 10x smaller gradient
+    momentum = 0.9
+    leaves = [w.clone().requires_grad_(True) for w in weights]
+    loss = (theta[..., 0] * (MLPMemory.read(leaves, k) - v).pow(2).sum(-1)).sum() / C
+    grads = torch.autograd.grad(loss, leaves)
+    norms = torch.stack([gr.flatten(1).square().sum(1) for gr in grads]).sum(0).sqrt()
+    G = float(norms.mean())
+    assert norms[0] > G > norms[1]                                 # one sequence clipped, one not
+    new_w, new_s, _ = chunk_write(MLPMemory, weights, surprise, k, v, theta, 0.99, momentum, max_grad_norm=G)
+    _, unclipped, _ = chunk_write(MLPMemory, weights, surprise, k, v, theta, 0.99, momentum)
+    scale = (G / norms).clamp(max=1.0).view(B, 1, 1)
+    for s, ns, gr in zip(surprise, new_s, grads):
+        torch.testing.assert_close(ns, momentum * s - scale * gr, atol=1e-5, rtol=1e-5)
+    applied = torch.stack([(momentum * s - ns).flatten(1).square().sum(1) for s, ns in zip(surprise, new_s)])
+    torch.testing.assert_close(applied.sum(0).sqrt()[0], torch.tensor(G), atol=1e-5, rtol=1e-5)
+    for ns, us in zip(new_s, unclipped):
+        torch.testing.assert_close(ns[1], us[1], atol=0, rtol=0)   # below the bound: the plain update
+        assert (ns[0] - us[0]).abs().max() > 1e-3
+
+
+TITANS_AT_PHASE1 = ["model.memory.variant=mlp", "model.memory.gates=data_dependent", "model.memory.conv_kernel=4",
+                    "model.memory.qkv_activation=silu", "model.memory.input_layer=4"]
+
+
+@pytest.fixture(scope="module")
+def phase1_memory_inputs():
+    """The Titans MLP memory at phase1 width (d_mem 256, chunk 64) of a freshly initialised phase1 model, and its
+    input over 16 chunks of real text: the residual stream after 4 blocks for English prose from the built-in
+    corpus (pydoc topics, as byte tokens), 2 sequences of 1024."""
+    from pydoc_data.topics import topics
+
+    spec = load_spec(SPECS / "phase1.toml", TITANS_AT_PHASE1).spec
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.objective).eval()
+    text = "".join(topics[name] for name in sorted(topics)).encode()
+    T = 16 * spec.model.memory.chunk_size
+    idx = torch.tensor([list(text[:T]), list(text[50_000:50_000 + T])])
+    captured = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(module, args):                                     # the memory's input; skip the rest
+        captured["h"] = args[0]
+        raise Captured
+
+    handle = model.memory.register_forward_pre_hook(capture)
+    with torch.no_grad(), pytest.raises(Captured):
+        model(idx)
+    handle.remove()
+    return model.memory, captured["h"]
+
+
+def run_chunks(memory, h, max_grad_norm, precision):
+    """Chunk by chunk (as scan): per chunk the applied gradient norm ||eta S_{c-1} - S_c||, ||S_c||, ||W_c||
+    (each (B,)), and the reads M_{c-1}(q) of every chunk."""
+    from forge.model.memory import _gate
+
+    chunk = memory.chunk_size
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    norm = lambda ts: torch.stack([t.float().flatten(1).square().sum(1) for t in ts]).sum(0).sqrt()  # noqa: E731
+    rows, reads = [], []
+    with torch.no_grad(), autocast:
+        q, k, v, theta, gate_logits, _ = memory.project(h)
+        decay, momentum = memory._chunk_gates(gate_logits, chunk)
+        weights = [w.expand(h.shape[0], *w.shape) for w in memory.initial_weights()]
+        surprise = [torch.zeros_like(w) for w in weights]
+        for c in range(h.shape[1] // chunk):
+            sl = slice(c * chunk, (c + 1) * chunk)
+            reads.append(memory.model.read(weights, q[:, sl]))
+            eta = _gate(momentum, c)
+            new_w, new_s, _ = chunk_write(memory.model, weights, surprise, k[:, sl], v[:, sl], theta[:, sl, None],
+                                          _gate(decay, c), eta, max_grad_norm, observe=False)
+            rows.append((norm([eta * s - ns for s, ns in zip(surprise, new_s)]), norm(new_s), norm(new_w)))
+            weights, surprise = new_w, new_s
+    return rows, torch.cat(reads, dim=1).float()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_mlp_memory_at_phase1_width_stays_bounded_over_16_chunks_of_real_text(phase1_memory_inputs, precision):
+    """Without the bound this memory diverges (the chunk loss's curvature grows with the weights past what a step
+    of 1 tolerates: NaN within 16 chunks); with max_grad_norm G every chunk's applied gradient is <= G, so after c
+    chunks ||S_c|| <= c G and ||W_c|| <= ||W_0|| + c (c + 1) / 2 G, and every read ||M(q)|| <= ||q|| + ||W_1||
+    ||W_2|| <= 1 + ||W||^2 / 2 (|gelu(z)| <= |z|, unit queries)."""
+    memory, h = phase1_memory_inputs
+    G = memory.spec.max_grad_norm
+    assert memory.max_grad_norm == G > 0 and memory.d_mem == 256     # the spec default bounds the mlp memory
+    tol = 1e-5 if precision == "fp32" else 2e-2                     # bf16 rounds S and W to 8 bits
+    w0 = float(torch.stack([w.detach().square().sum() for w in memory.initial_weights()]).sum().sqrt())
+    rows, reads = run_chunks(memory, h, G, precision)
+    assert len(rows) == 16
+    for c, (applied, s_norm, w_norm) in enumerate(rows, start=1):
+        assert (applied <= G * (1 + tol)).all(), (c, applied)
+        assert (s_norm <= c * G * (1 + tol)).all(), (c, s_norm)
+        assert (w_norm <= (w0 + c * (c + 1) / 2 * G) * (1 + tol)).all(), (c, w_norm)
+    assert (rows[0][0] >= G * (1 - tol)).all()                      # the bound is active from the first chunk
+    w_bound = w0 + 16 * 17 / 2 * G
+    assert torch.isfinite(reads).all() and reads.norm(dim=-1).max() <= 1 + w_bound ** 2 / 2
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), torch.no_grad():
+        out, metrics = memory(h)
+    assert torch.isfinite(out).all() and all(torch.isfinite(m) for m in metrics.values())
+
+    unbounded, reads = run_chunks(memory, h, None, precision)        # the paper's update: diverges
+    largest = [float(w_norm.max()) for _, _, w_norm in unbounded]    # NaN once it overflows
+    assert not torch.isfinite(reads).all() or not all(w <= w_bound for w in largest), largest

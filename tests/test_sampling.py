@@ -225,3 +225,17 @@ def test_pick_next_draws_what_torch_multinomial_draws():
         for _ in range(50):
             expected = torch.multinomial(scaled.softmax(-1), 1, generator=theirs).squeeze(-1)
             assert torch.equal(pick_next(logits, temperature, top_k, ours), expected)
+
+
+def test_the_decoder_follows_a_change_of_the_weights():
+    """The decoder's weight layout is kept per model between samples; a parameter changed in place (an optimizer
+    step, a load) must give the changed model's logits, not the layout of the old weights."""
+    model = small_model()
+    idx = tokens(2, 12)
+    IncrementalDecoder(model, 2).step(idx, halt=False)              # lays out the current weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+        full = model(idx, return_logits=True)
+    torch.testing.assert_close(IncrementalDecoder(model, 2).step(idx, halt=False).logits, full.logits,
+                               atol=1e-4, rtol=1e-4)

@@ -7,7 +7,13 @@ keys to values; per chunk c of C tokens, with every gradient taken at the chunk-
     S_c    = eta_c * S_{c-1} - grad_c                           surprise with momentum
     W_c    = alpha_c * W_{c-1} + S_c                            forgetting (alpha = 1 - the paper's alpha_t)
 
-theta_t = sigmoid(w . u_t + b) is the learned, per-token step size. The reads of chunk c, M_{c-1}(q_t), use
+theta_t = sigmoid(w . u_t + b) is the learned, per-token step size. The MLP memory's grad_c is clipped to
+spec.max_grad_norm G per sequence (grad_c * min(1, G / ||grad_c||) over all its weights): the chunk loss's
+curvature grows with M's weights (the other layers' weights and activations multiply each gradient), and once it
+passes 2 (1 + eta), the limit of gradient descent with momentum at step 1, every update enlarges the weights and
+with them the curvature (d_mem 256: 20 at chunk 3, 567 at chunk 5, 6e10 at chunk 7, then NaN). The clip makes
+the growth at most linear per chunk: ||S_c|| <= c G, ||W_c|| <= ||W_0|| + c (c + 1) / 2 G. The linear memory
+needs none: its curvature is 2 sum theta k k^T / C <= 2 for unit keys. The reads of chunk c, M_{c-1}(q_t), use
 the memory as of the end of the previous chunk, so a position never sees its own chunk: causal. The state
 starts from the learned initial weights for every sequence: stateless, deterministic. The outer training
 differentiates through every inner update (no detach).
@@ -31,6 +37,8 @@ Design differences to the paper / titans-pytorch that remain:
     chunk's update come from the mean of its inputs' logits; a per-token scan would cost C sequential steps.
   - One memory head over d_mem (titans-pytorch splits it into heads); no persistent memory tokens; no
     learned max step size (theta in (0, 1)).
+  - The MLP memory's bound is a hard clip of the chunk gradient's norm over all weights (titans-pytorch's
+    max_grad_norm is a tanh soft clamp per weight matrix); the paper has none (max_grad_norm = 0).
   - The MLP memory is x + MLP(x) without the LayerNorm titans-pytorch's ResidualNorm puts on the MLP output
     (the norm would be one more test-time-learned weight); bias-free layers, GELU between them.
   - The MLP's learned initial weights start at N(0, 1 / fan_in) (titans-pytorch: Xavier uniform), not at the
@@ -125,13 +133,19 @@ MEMORY_MODELS = {"linear": LinearMemory, "mlp": MLPMemory}
 
 
 def chunk_write(model, weights: list[torch.Tensor], surprise: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                theta: torch.Tensor, decay: Gate, momentum: Gate, observe: bool = True):
+                theta: torch.Tensor, decay: Gate, momentum: Gate, max_grad_norm: Optional[float] = None,
+                observe: bool = True):
     """One chunk's write from the chunk-start weights and surprise (each (B, ...)), the chunk's k, v (B, C, d)
-    and theta (B, C, 1): (new weights, new surprise, observations or None). Observations (detached, batch
-    means): "update_norm" ||S_c|| and "retention" (see the module docstring)."""
+    and theta (B, C, 1): (new weights, new surprise, observations or None). max_grad_norm: the chunk's gradient
+    (over all weights of M, per sequence) is scaled to at most this norm (None: unclipped). Observations
+    (detached, batch means): "update_norm" ||S_c|| and "retention" (see the module docstring)."""
     step = 2.0 / k.shape[1]
     recalled, own, cache = model.recall(weights, k)
     grads = [step * g for g in model.backward(weights, k, cache, theta * (recalled - v))]
+    if max_grad_norm is not None:
+        # the gradient of the clipped loss min(1, G / ||grad||) * loss (the factor taken as a constant)
+        scale = (max_grad_norm / _norm(grads).clamp_min(1e-30)).clamp(max=1.0)
+        grads = [scale.to(g.dtype).view(-1, 1, 1) * g for g in grads]
     surprise = [momentum * s - g for s, g in zip(surprise, grads)]
     new_weights = [decay * w + s for w, s in zip(weights, surprise)]
     observed = None
@@ -145,11 +159,12 @@ def chunk_write(model, weights: list[torch.Tensor], surprise: list[torch.Tensor]
 
 
 def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-sequence L2 norm over a list of (B, ...) tensors: (B,)."""
-    return torch.stack([t.flatten(1).square().sum(1) for t in tensors]).sum(0).sqrt()
+    """Per-sequence L2 norm over a list of (B, ...) tensors: (B,), summed in fp32 (bf16 under autocast)."""
+    return torch.stack([t.flatten(1).float().square().sum(1) for t in tensors]).sum(0).sqrt()
 
 
-def scan(model, weights0: list[torch.Tensor], q, k, v, theta, decay, momentum, chunk_size: int):
+def scan(model, weights0: list[torch.Tensor], q, k, v, theta, decay, momentum, chunk_size: int,
+         max_grad_norm: Optional[float] = None):
     """Run the memory over a sequence: weights0 unbatched or (B, ...); q, k, v (B, T, d); theta (B, T); decay and
     momentum floats or (B, n_chunks). Returns (reads (B, T, d), final weights, observations (n_chunks,) each)."""
     B, T = theta.shape
@@ -160,7 +175,7 @@ def scan(model, weights0: list[torch.Tensor], q, k, v, theta, decay, momentum, c
         sl = slice(start, start + chunk_size)
         reads.append(model.read(weights, q[:, sl]))             # M(q): the memory of the previous chunk
         weights, surprise, obs = chunk_write(model, weights, surprise, k[:, sl], v[:, sl], theta[:, sl, None],
-                                             _gate(decay, c), _gate(momentum, c))
+                                             _gate(decay, c), _gate(momentum, c), max_grad_norm)
         observed.append(obs)
     return torch.cat(reads, dim=1), weights, {key: torch.stack([o[key] for o in observed]) for key in observed[0]}
 
@@ -169,9 +184,11 @@ def _gate(value: Gate, c: int) -> Gate:
     return value if isinstance(value, float) else value[:, c, None, None]
 
 
-def memory_scan(memory0, q, k, v, theta, decay: float, momentum: float, chunk_size: int):
+def memory_scan(memory0, q, k, v, theta, decay: float, momentum: float, chunk_size: int,
+                max_grad_norm: Optional[float] = None):
     """The linear memory over a sequence (memory0 (d, d) or (B, d, d)): (reads, final M, observations)."""
-    reads, weights, observed = scan(LinearMemory, [memory0], q, k, v, theta, decay, momentum, chunk_size)
+    reads, weights, observed = scan(LinearMemory, [memory0], q, k, v, theta, decay, momentum, chunk_size,
+                                    max_grad_norm)
     return reads, weights[0], observed
 
 
@@ -196,6 +213,8 @@ class NeuralMemory(nn.Module):
         self.spec = spec
         self.decay, self.momentum, self.chunk_size = spec.decay, spec.momentum, spec.chunk_size
         self.model = MEMORY_MODELS[spec.variant]
+        # the linear memory is stable unbounded (spec.max_grad_norm); 0 = unbounded
+        self.max_grad_norm = spec.max_grad_norm if spec.variant == "mlp" and spec.max_grad_norm > 0 else None
         self.norm = RMSNorm(d_model, norm_eps)
         self.q_proj = nn.Linear(d_model, d_mem, bias=False)
         self.k_proj = nn.Linear(d_model, d_mem, bias=False)
@@ -285,7 +304,7 @@ class NeuralMemory(nn.Module):
         q, k, v, theta, gate_logits, _ = self.project(h)
         decay, momentum = self._chunk_gates(gate_logits, self.chunk_size)
         reads, _, observed = scan(self.model, self.initial_weights(), q, k, v, theta, decay, momentum,
-                                  self.chunk_size)
+                                  self.chunk_size, self.max_grad_norm)
         metrics = {"memory/update_norm": observed["update_norm"].mean(),
                    "memory/effective_decay": observed["retention"].mean(),
                    "memory/step_size": theta.detach().mean()}
@@ -316,7 +335,7 @@ class NeuralMemory(nn.Module):
                 decay, momentum = self._chunk_gates(gc, chunk)
                 state.weights, state.surprise, _ = chunk_write(self.model, state.weights, state.surprise, kc, vc,
                                                                tc, _gate(decay, 0), _gate(momentum, 0),
-                                                               observe=False)
+                                                               self.max_grad_norm, observe=False)
                 state.pending = []
             i += take
         return self.o_proj(reads[0] if len(reads) == 1 else torch.cat(reads, dim=1))

@@ -53,6 +53,14 @@ class MemorySpec(Section):
     qkv_activation: Literal["identity", "silu"] = Field("identity", description=(
         "Activation on q, k, v after the projections (and convolution), before q and k are L2-normalised; "
         "Titans uses silu."))
+    max_grad_norm: float = Field(1.0, ge=0, description=(
+        "Bound on the mlp memory's inner update (variant = \"mlp\"; the linear one ignores it): per chunk and "
+        "sequence, the gradient of the associative loss over all weights of M is scaled down to this L2 norm "
+        "when larger, so that after c chunks ||S_c|| <= c * max_grad_norm and ||W_c|| <= ||W_0|| + c (c + 1) / 2 "
+        "* max_grad_norm (momentum and forgetting <= 1). Without it the mlp memory diverges at d_mem 256 (the chunk loss's curvature grows with "
+        "the weights past the 2 (1 + momentum) that gradient descent at step 1 tolerates: max |W| 1e14 by chunk "
+        "7). The linear memory's curvature is at most 2 theta <= 2 (unit keys), stable without a bound. "
+        "0 = unbounded (the paper's update)."))
     input_layer: int = Field(0, ge=0, description=(
         "The memory reads the residual stream after this many backbone blocks: 0 = the token embeddings, "
         "n_layers = the attention path's output (must be <= model.n_layers)."))

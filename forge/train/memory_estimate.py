@@ -18,13 +18,16 @@ Validation, two ways (benchmarks/bench_memory_estimate.py, BENCHMARKS.md "Memory
     dispatch mode that books every storage the step's operators create and, by a weak reference, frees: its
     high-water mark is the live tensor bytes of the step, from the model's and optimizer's own code (seconds:
     the meta kernels run in Python, so it validates, it is not the estimate; fp32);
-  - the measured peak of a real step on CPU: the peak anonymous resident memory of a fresh process over two
-    steps minus its value before the model is built.
+  - the measured peak of a real step on CPU: the peak anonymous resident memory of a fresh process over three
+    steps minus its value before the model is built. Three: the optimizer's kept copy of its state (the
+    non-finite guard's) is made in the second step's optimizer call, after that step's forward and backward, so
+    the third is the first to run them beside everything a run's later steps hold (the estimate's peak).
 `forge check` adds, on CPU, what its own process holds (process_bytes: the interpreter, torch, forge): a training
 process holds the same before its first step (the data's token arrays come on top).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from dataclasses import dataclass
@@ -39,10 +42,12 @@ FLOAT = 4
 
 
 class Ledger(TorchDispatchMode):
-    """Live bytes of every storage created inside the mode (and those registered with `hold`), and their peak."""
+    """Live bytes of every storage created inside the mode (and those registered with `hold`), and their peak.
+    fake_host_reads: answer the step's host reads (meta tensors hold no value), as on the meta device."""
 
-    def __init__(self):
+    def __init__(self, fake_host_reads: bool = True):
         super().__init__()
+        self.fake_host_reads = fake_host_reads
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
@@ -65,7 +70,7 @@ class Ledger(TorchDispatchMode):
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func is torch.ops.aten._local_scalar_dense.default and self.fake_host_reads:
             # a host read: a bool is a finiteness check (finite); a (1,) float the non-finite flag (0); a 0-dim
             # float AdamW's step count (1)
             t = args[0]
@@ -93,10 +98,11 @@ class StepPeak:
 
 
 def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str,
-                 device_type: str = "cpu") -> list[StepPeak]:
+                 device_type: str = "cpu", on: str = "meta") -> list[StepPeak]:
     """The ledger's StepPeak of an fp32 training step of `spec` at each micro-batch, sequence length seq_len and
     gradient checkpointing `mode`, with the loss head of a device of type `device_type`
-    (forge.model.model.FUSED_CE_DEVICES) and CPU's attention kernel."""
+    (forge.model.model.FUSED_CE_DEVICES) and CPU's attention kernel; the step runs on device `on`: "meta" (no
+    memory, seconds), or "cpu" to book the storages the CPU's own kernels create (a real step: its time)."""
     from forge.model import build_model
     from forge.model.objective import LOCAL
     from forge.optim import build_optimizer
@@ -104,15 +110,17 @@ def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str,
     from forge.train.objective import training_loss
 
     with torch.random.fork_rng(devices=[]):
-        model = build_model(spec.model, spec.objective, device="meta")
+        model = build_model(spec.model, spec.objective, device=on)
     model.train()
     model.set_gradient_checkpointing(mode)
     model.head_device_type = device_type
     set_max_logit_tracking(model, spec.optim.qk_clip.enabled)
     optimizer = build_optimizer(spec.optim, model)
-    ledger = Ledger()
+    ledger = Ledger(fake_host_reads=on == "meta")
     # the model calls torch.nn.functional.scaled_dot_product_attention: on the meta device, the CPU's kernel
-    with ledger, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", cpu_attention):
+    kernel = (mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", cpu_attention) if on == "meta"
+              else contextlib.nullcontext())
+    with ledger, kernel:
         for t in [*model.parameters(), *model.buffers()]:
             ledger.hold(t)
         weights = ledger.current
@@ -124,7 +132,7 @@ def ledger_peaks(spec, micro_batches: tuple[int, ...], seq_len: int, mode: str,
         state = ledger.current - weights
         peaks = []
         for batch in micro_batches:
-            idx = torch.zeros(batch, seq_len + 1, dtype=torch.long, device="meta")
+            idx = torch.zeros(batch, seq_len + 1, dtype=torch.long, device=on)
             ledger.reset_peak()
             out = model(idx[:, :-1], idx[:, 1:], act_loss_weight=spec.model.act.loss_weight)
             training_loss(model, out, spec.model.act.loss_weight, LOCAL).backward()

@@ -205,7 +205,7 @@ def test_metric_families_expect_only_the_parts_the_spec_has(ablation, off):
     assert full.status == "pass" and "part off" not in full.measured
 
 
-def test_the_real_step_catches_a_memory_that_diverges_over_chunks():
+def test_the_real_step_catches_a_memory_that_diverges_over_chunks(local_result):
     """OBS-metric-families runs 8 memory chunks: the MLP memory at phase1 width (d_mem 256) without its bounded
     update (max_grad_norm = 0, the paper's update) grows chunk by chunk to inf (found by a forge compare run whose
     steps were all non-finite while the checklist passed, when the step ran 2 chunks); phase1's linear memory at
@@ -219,7 +219,7 @@ def test_the_real_step_catches_a_memory_that_diverges_over_chunks():
     unbounded = mlp + ["model.memory.max_grad_norm=0"]
     diverging = metric_families(CheckContext(load_spec(SPECS / "phase1.toml", unbounded)), **item.params)
     assert diverging.status == "fail" and "memory/update_norm" in diverging.detail, diverging
-    stable = metric_families(CheckContext(load_spec(SPECS / "phase1.toml")), **item.params)
+    stable = next(r for r in local_result.items if r.id == item.id)   # phase1's linear memory (local.toml's run)
     assert stable.status == "pass", stable
     bounded = metric_families(CheckContext(load_spec(SPECS / "phase1.toml", mlp)), **item.params)
     assert bounded.status == "pass", bounded

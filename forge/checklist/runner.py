@@ -75,7 +75,8 @@ def select_items(checklist: Checklist, ids: Collection[str]) -> Checklist:
     if unknown:
         raise ForgeError(f"checklist {checklist.name!r} ({checklist.source}) has no item {', '.join(unknown)}; "
                          f"its items: {', '.join(known)}")
-    return checklist.model_copy(update={"items": [i for i in checklist.items if i.id in set(ids)]})
+    wanted = set(ids)
+    return checklist.model_copy(update={"items": [i for i in checklist.items if i.id in wanted]})
 
 
 def _run_item(item: Item, ctx: CheckContext) -> ItemResult:

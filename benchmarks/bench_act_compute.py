@@ -22,6 +22,14 @@ blocks back to the system and every call takes fresh pages, one minor page fault
 VM), and because both paths share one heap, which of them pays depends on the other's allocations (measured:
 the full path 700 to 12,500 faults a call from one run to the next, the frozen one 1,500 to 5,700). The
 minor faults during the timed rounds are recorded.
+Executed work (issue 21: what the code runs, next to what it costs): one call of each path under
+torch.utils.flop_counter.FlopCounterMode, the FLOPs of the refiner's feed-forward and query projections
+(forward hooks read the counter on entry and exit of those modules) and of the whole refiner with its
+attention. torch has no formula for the CPU attention kernel (aten._scaled_dot_product_flash_attention_for_cpu):
+it gets torch's own for the other attention kernels, every query slot of a call against every key of the call
+(the padded slots of the frozen layout included; a causal call, the full path at phase1 width, skips the keys
+after each block of queries and is counted whole). executed saving = 1 - frozen / full FLOPs; for the
+feed-forward and query work it should equal the ideal saving.
 
     .venv/bin/python benchmarks/bench_act_compute.py [--spec tiny.toml] [--batch 8] [--seq 128]
         [--shares 0.25,0.5,0.75,0.9] [--rounds 7] [--threads 1] [--refiner-only] [--default-malloc] [--tag T]
@@ -39,6 +47,7 @@ import resource
 import statistics
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from common import ROOT, WARMUP_ROUNDS, interleaved, setup_threads, table, write_result
 
@@ -73,6 +82,32 @@ def outer_steps(model, x, rope, frozen: FrozenTokens | None) -> torch.Tensor:
         elif bool(halted.all()):
             break
     return used
+
+
+def executed_flops(model, run) -> dict[str, int]:
+    """FLOPs of one call of `run` (FlopCounterMode on the real call): "ffn_query", the refiner's feed-forward and
+    query projections; "refiner", everything counted (the refiner's projections, feed-forward and attention)."""
+    blocks = model.trm.net.blocks
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)})
+    inside = {"ffn_query": 0}
+
+    def enter(module, args):
+        module.flops_on_entry = counter.get_total_flops()
+
+    def leave(module, args, out):
+        inside["ffn_query"] += counter.get_total_flops() - module.flops_on_entry
+
+    hooks = [h for m in [b.ffn for b in blocks] + [b.attn.q_proj for b in blocks]
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with counter:
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**inside, "refiner": counter.get_total_flops()}
 
 
 def keep_freed_memory() -> bool:
@@ -135,6 +170,8 @@ def main() -> None:
             if not args.refiner_only:
                 cases.update({"forward_full": lambda: models["full"](idx, halt=True),
                               "forward_frozen": lambda: models["frozen"](idx, halt=True)})
+            flops = {name: executed_flops(models[name], cases[f"refiner_{name}"]) for name in ("full", "frozen")}
+            executed = {part: 1 - flops["frozen"][part] / flops["full"][part] for part in ("ffn_query", "refiner")}
             cpu_times: dict[str, list[float]] = {}
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             clocks = {"wall": interleaved(cases, args.rounds, cpu_times=cpu_times, alternate=True), "cpu": cpu_times}
@@ -142,7 +179,8 @@ def main() -> None:
             ideal = 1 - compute_share
             halted_early = float((frozen_used < models["frozen"].trm.t_max - 1).float().mean())
             fig = {"target_share_step0": share, "halted_early_share": halted_early,
-                   "compute_share": compute_share, "ideal_saving": ideal,
+                   "compute_share": compute_share, "ideal_saving": ideal, "flops": flops,
+                   "executed_saving": executed,
                    "minor_faults_per_call": faults / ((args.rounds + WARMUP_ROUNDS) * len(cases))}
             for clock, times in clocks.items():
                 best = {k: min(v) for k, v in times.items()}
@@ -158,11 +196,13 @@ def main() -> None:
             figures.append(fig)
             wall, cpu = fig["wall"], fig["cpu"]
             rows.append([f"{halted_early:.2f}", f"{compute_share:.3f}", f"{ideal:.3f}",
+                         f"{executed['ffn_query']:.3f}", f"{executed['refiner']:.3f}",
                          f"{cpu['median_s']['refiner_full'] * 1e3:.1f}", f"{cpu['median_s']['refiner_frozen'] * 1e3:.1f}",
                          f"{cpu['refiner_saving']:.3f}", f"{cpu['ratio']:.2f}" if ideal > 0 else "-",
                          f"{wall['ratio']:.2f}" if ideal > 0 else "-",
                          "-" if cpu["forward_saving"] is None else f"{cpu['forward_saving']:.3f}"])
-    print(table(["halted early", "compute share", "ideal saving", "refiner full, CPU ms", "refiner frozen, CPU ms",
+    print(table(["halted early", "compute share", "ideal saving", "executed saving, FFN + query FLOPs",
+                 "executed saving, refiner FLOPs", "refiner full, CPU ms", "refiner frozen, CPU ms",
                  "refiner saving (CPU)", "ratio (CPU)", "ratio (wall)", "whole-forward saving (CPU)"], rows))
     name = f"act_compute_{args.spec.removesuffix('.toml')}" + (f"_{args.tag}" if args.tag else "") + \
         ("_quick" if args.quick else "")
